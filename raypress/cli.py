@@ -1,0 +1,118 @@
+"""`raypress search | build-db | eval | export | compare | ui`.
+
+User-fixable problems print one line `raypress: error: ...` and exit 2 — never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from .errors import RayPressError
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("ray", "mlflow", "alembic", "transformers", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="search-space YAML (see search_spaces/)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set searcher.generations=5 (repeatable)")
+
+
+def cmd_search(args) -> int:
+    from .config import load_config
+    from .runner import run_search
+
+    if args.resume:
+        import json as _json
+        from pathlib import Path
+
+        from .config import _build, Config, validate
+
+        state_file = Path(args.resume) / "raypress_state.json"
+        if not state_file.is_file():
+            raise RayPressError(f"nothing to resume in {args.resume}: no raypress_state.json there")
+        cfg = validate(_build(Config, _json.loads(state_file.read_text())["config"]))
+    else:
+        cfg = load_config(args.config, args.set)
+    result = run_search(cfg, resume=args.resume)
+    print(result.summary())
+    print(f"MLflow: {result.tracking_uri}  run {result.run_id}  (view: raypress ui)")
+    print(f"outputs: {result.experiment_dir}")
+    return 0
+
+
+def cmd_build_db(args) -> int:
+    from .config import load_config
+    from .data import load_tokens, make_splits
+    from .database import build_database
+    from .families import method_for
+    from .models import get_adapter, load_model
+
+    cfg = load_config(args.config, args.set)
+    if cfg.family not in ("sparsity", "quant"):
+        raise RayPressError(f"family '{cfg.family}' needs no level database; run `raypress search` directly")
+    model, tok = load_model(cfg.model)
+    tokens = load_tokens(cfg.data.source, tok, cfg.data.max_tokens)
+    splits = make_splits(tokens, cfg.data.seq_len, cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
+    db = build_database(cfg.model, model, get_adapter(model), method_for(cfg), splits.calib,
+                        cache_root=cfg.database.cache_dir, storage_dtype=cfg.database.storage_dtype)
+    print(f"database {db.key[:12]} at {db.path} ({db.meta.get('total_bytes', 0) / 2**20:.0f} MiB)")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from .tracking import tracking_uri
+
+    uri = tracking_uri(args.uri)
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port}  (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raypress", description="Ray-based search for non-uniform LLM compression")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("search", help="run a search (EvoPress, TPE, random, or a one-shot schedule)")
+    _add_config_args(s)
+    s.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted search from its output folder")
+    s.set_defaults(func=cmd_search)
+    b = sub.add_parser("build-db", help="build (or find cached) the level database only")
+    _add_config_args(b)
+    b.set_defaults(func=cmd_build_db)
+    u = sub.add_parser("ui", help="start the MLflow UI on localhost")
+    u.add_argument("--uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RayPressError as e:
+        print(f"raypress: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raypress: interrupted (resume with `raypress search --resume <output dir>`)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

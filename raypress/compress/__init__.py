@@ -1,0 +1,1 @@
+"""Compression families behind one interface (see base.py)."""

@@ -1,0 +1,57 @@
+"""The one interface every compression family implements.
+
+A family turns one dense linear layer into variants, one per *level*. A level has a
+float `value` (sparsity in [0,1), bits, kept ratio, 0/1 dropped) and the search space
+turns values into exact integer costs (see space.py), so budgets are checked exactly.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class CompressionMethod(ABC):
+    """A per-linear-layer compression family (sparsity, quantization, ...)."""
+
+    #: short name used in configs, cache keys and MLflow params, e.g. "sparsegpt"
+    name: str = "base"
+    #: True when build() needs the layer's input Hessian H = 2 X Xᵀ (shape [in, in])
+    needs_hessian: bool = True
+    #: what a level value means, for reports: "sparsity", "bits", ...
+    value_kind: str = "sparsity"
+
+    @abstractmethod
+    def level_values(self) -> list[float]:
+        """The ladder of level values, ascending compression (level index = position)."""
+
+    @abstractmethod
+    def build(self, weight: torch.Tensor, hessian: torch.Tensor | None, value: float) -> torch.Tensor:
+        """Return the compressed weight for `value`, same shape/layout as `weight` (dense layout,
+        float32). `weight` is [out, in]; `hessian` is [in, in] float32 or None. Must not modify inputs."""
+
+    def params(self) -> dict:
+        """Settings that change the output (go into the database content hash and MLflow)."""
+        return {"name": self.name, "levels": self.level_values()}
+
+
+class Applier(ABC):
+    """Makes a live model inside an evaluator reflect a config {unit_name: level_index}.
+
+    Built on the driver (picklable: holds object-store refs / small metadata, no model),
+    shipped to evaluator actors, then `attach`ed to that actor's model once. `apply` must only
+    touch units whose level changed since the last call (the evaluator's hot path), must never
+    write into shared (object-store) arrays, and `apply({})`/`reset()` restores the dense model.
+    """
+
+    @abstractmethod
+    def attach(self, model, adapter) -> None:
+        """Bind to the evaluator's model (called once per actor)."""
+
+    @abstractmethod
+    def apply(self, levels: dict[str, int]) -> int:
+        """Apply the config; return how many units were actually changed."""
+
+    def reset(self) -> None:
+        """Return to the dense model."""
+        self.apply({})

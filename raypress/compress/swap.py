@@ -1,0 +1,92 @@
+"""Swap per-layer weight variants in from Ray's object store (sparsity / quantization families).
+
+Each layer's variants live in the object store as one read-only numpy array
+[n_levels, out, in]; `ray.get` maps it without copying. A level is applied by pointing the
+Linear's weight at a view of that array (or at a device/dtype copy of it when the model runs
+on a GPU or in another dtype), and the dense weight is restored by pointing back at the
+tensor the model was loaded with — nothing is ever written into a shared array.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .base import Applier
+
+
+def _as_tensor(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # read-only object-store memory: torch warns because it cannot prove we won't write
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    if t.dtype != like.dtype or t.device != like.device:
+        t = t.to(device=like.device, dtype=like.dtype)  # a private copy, not the shared array
+    return t
+
+
+class WeightSwapApplier(Applier):
+    """Applies {layer: level} by swapping Linear weights to object-store variants.
+
+    refs: {layer: ObjectRef (or ndarray) of [n_levels, out, in]}; dense_levels: {layer: level index
+    whose variant *is* the dense weight (e.g. sparsity 0.0)} — those use the model's own tensor so
+    the dense config is bit-exact.
+    """
+
+    def __init__(self, refs: dict, dense_levels: dict[str, int] | None = None, decode=None):
+        self.refs = refs
+        self.dense_levels = dense_levels or {}
+        self.decode = decode  # optional: (stored_obj, level) -> ndarray, e.g. packed quant codes
+        self._arrays: dict = {}
+        self._current: dict[str, int | None] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"], state["_current"] = {}, {}
+        for k in ("_modules", "_dense"):
+            state.pop(k, None)
+        return state
+
+    def attach(self, model, adapter) -> None:
+        linears = adapter.linear_layers()
+        missing = [n for n in self.refs if n not in linears]
+        if missing:
+            from ..errors import RayPressError
+
+            raise RayPressError(
+                f"the level database has layers the model lacks (e.g. {missing[0]}); "
+                "rebuild the database for this model with `raypress build-db`"
+            )
+        self._modules = {n: linears[n] for n in self.refs}
+        self._dense = {n: m.weight.data for n, m in self._modules.items()}
+        self._current = {n: None for n in self.refs}
+
+    def _stored(self, layer: str):
+        arr = self._arrays.get(layer)
+        if arr is None:
+            ref = self.refs[layer]
+            if not isinstance(ref, np.ndarray):
+                import ray
+
+                ref = ray.get(ref)
+            arr = self._arrays[layer] = ref
+        return arr
+
+    def variant(self, layer: str, level: int) -> torch.Tensor:
+        stored = self._stored(layer)
+        arr = self.decode(stored, level) if self.decode else stored[level]
+        return _as_tensor(arr, self._dense[layer])
+
+    def apply(self, levels: dict[str, int]) -> int:
+        changed = 0
+        for layer, module in self._modules.items():
+            level = levels.get(layer)
+            if level is not None and self.dense_levels.get(layer) == level:
+                level = None
+            if self._current[layer] == level:
+                continue
+            module.weight.data = self._dense[layer] if level is None else self.variant(layer, level)
+            self._current[layer] = level
+            changed += 1
+        return changed

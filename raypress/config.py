@@ -1,0 +1,197 @@
+"""Search configuration: YAML in search_spaces/, validated against a schema, CLI overrides.
+
+The schema is the dataclasses below: unknown keys and wrong types are one-line errors that
+name the valid keys, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import RayPressError
+
+FAMILIES = ("sparsity", "quant", "depth", "width")
+SEARCHERS = ("evopress", "random", "tpe", "cmaes", "nsga2", "uniform", "owl", "hessian", "dp", "shortgpt")
+
+
+@dataclass
+class DataConfig:
+    source: str = "text:../shared/data/wikitext-2/valid.txt"
+    seq_len: int = 256
+    n_calib: int = 64  # sequences for the database and the search (stages sample from these)
+    n_eval: int = 16  # held-out sequences for final perplexities
+    max_tokens: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class SearcherConfig:
+    name: str = "evopress"
+    generations: int = 20
+    offspring: int = 16
+    stages: list = field(default_factory=lambda: [[512, 4], [2048, 1]])  # [tokens, survivors]
+    max_mutations: int = 3
+    samples: int | None = None  # random/TPE: candidate evaluations (default: match evolution)
+    init: str = "uniform"  # uniform or a schedule name (owl, hessian, dp, ...)
+    seed: int = 0
+
+
+@dataclass
+class EvaluatorConfig:
+    num_evaluators: int | str = "auto"  # auto: one per GPU, else one
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    kl_topk: int | None = None
+    cpus_per_evaluator: int | str = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "raypress"
+    run_name: str | None = None
+
+
+@dataclass
+class DatabaseConfig:
+    storage_dtype: str = "float16"
+    cache_dir: str | None = None
+    group_size: int = 128  # quantization groups
+    granularity: str = "sublayer"  # depth: sublayer | block
+
+
+@dataclass
+class Config:
+    model: str = "smollm2-135m"
+    family: str = "sparsity"
+    method: str = "sparsegpt"
+    levels: list | None = None  # level ladder (values); None = the method's default
+    target: float = 0.6
+    data: DataConfig = field(default_factory=DataConfig)
+    searcher: SearcherConfig = field(default_factory=SearcherConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray_address: str | None = None
+    output: str = "raypress_runs"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """Flattened 'a.b' -> value (MLflow params)."""
+        out = {}
+
+        def walk(prefix, d):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    out[f"{prefix}{k}"] = v
+
+        walk("", self.to_dict())
+        return out
+
+
+def _check_type(path: str, value, tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(path, value, arg)
+            except RayPressError:
+                pass
+        raise RayPressError(f"config key '{path}' has value {value!r} of the wrong type; expected {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise RayPressError(f"config key '{path}' must be null")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list or tp is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise RayPressError(f"config key '{path}' must be a list, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise RayPressError(f"config key '{path}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise RayPressError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RayPressError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _check_type(prefix + k, v, tp)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise RayPressError(f"override '{item}' must look like key.sub=value (e.g. searcher.generations=5)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def validate(cfg: Config) -> Config:
+    if cfg.family not in FAMILIES:
+        raise RayPressError(f"unknown family '{cfg.family}'; choose one of {', '.join(FAMILIES)}")
+    if cfg.searcher.name not in SEARCHERS:
+        raise RayPressError(f"unknown searcher '{cfg.searcher.name}'; choose one of {', '.join(SEARCHERS)}")
+    for i, st in enumerate(cfg.searcher.stages):
+        if not (isinstance(st, (list, tuple)) and len(st) == 2 and all(isinstance(x, int) and x > 0 for x in st)):
+            raise RayPressError(f"searcher.stages[{i}] must be [tokens, survivors] with positive integers, got {st!r}")
+    if cfg.searcher.stages and cfg.searcher.stages[-1][1] != 1:
+        raise RayPressError("the last searcher stage must keep exactly 1 survivor (the next parent), e.g. [2048, 1]")
+    if cfg.data.seq_len < 8:
+        raise RayPressError("data.seq_len must be at least 8 tokens")
+    if cfg.searcher.generations < 1 or cfg.searcher.offspring < 1:
+        raise RayPressError("searcher.generations and searcher.offspring must be >= 1")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML search space (or defaults) and apply `key.sub=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RayPressError(f"config file '{p}' not found; see search_spaces/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise RayPressError(f"config file '{p}' is not valid YAML{where}; fix the syntax") from None
+        if not isinstance(data, dict):
+            raise RayPressError(f"config file '{p}' must be a YAML mapping of keys (model:, family:, ...)")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RayPressError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return validate(_build(Config, data))

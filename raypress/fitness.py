@@ -1,0 +1,85 @@
+"""Fitness: KL(dense ‖ candidate) of next-token distributions, and perplexity.
+
+The teacher side is cached per token batch as either full log-probs or top-k
+(log-prob values + indices + the remaining probability mass), so a stage's many
+candidates pay for the dense forward once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Teacher:
+    """Cached dense next-token distributions for one token batch."""
+
+    logp: torch.Tensor | None  # [N, V] full log-probs, or None when top-k
+    topk_logp: torch.Tensor | None = None  # [N, k]
+    topk_idx: torch.Tensor | None = None  # [N, k]
+    rest_mass: torch.Tensor | None = None  # [N] probability mass outside the top-k
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.logp, self.topk_logp, self.topk_idx, self.rest_mass]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _flat_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] -> [B*(T-1), V] float32: drop the last position (no next token)."""
+    return logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+
+
+def make_teacher(logits: torch.Tensor, topk: int | None = None) -> Teacher:
+    """Build the teacher cache from dense logits [B, T, V]."""
+    logp = F.log_softmax(_flat_logits(logits), dim=-1)
+    if not topk or topk >= logp.shape[-1]:
+        return Teacher(logp=logp)
+    vals, idx = logp.topk(topk, dim=-1)
+    rest = (1.0 - vals.exp().sum(-1)).clamp_min(0.0)
+    return Teacher(logp=None, topk_logp=vals, topk_idx=idx, rest_mass=rest)
+
+
+def kl_from_teacher(teacher: Teacher, student_logits: torch.Tensor) -> float:
+    """Mean over tokens of KL(teacher ‖ student), in nats.
+
+    With a top-k teacher the tail is treated as one bucket: KL over the k kept tokens plus
+    r·log(r / r_student), where r, r_student are the teacher's and student's mass outside the top-k.
+    """
+    s_logp = F.log_softmax(_flat_logits(student_logits), dim=-1)
+    if teacher.logp is not None:
+        t_logp = teacher.logp.to(s_logp.device)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        return float(kl.mean())
+    idx = teacher.topk_idx.to(s_logp.device)
+    t_vals = teacher.topk_logp.to(s_logp.device)
+    s_vals = s_logp.gather(-1, idx)
+    kl = (t_vals.exp() * (t_vals - s_vals)).sum(-1)
+    r = teacher.rest_mass.to(s_logp.device)
+    r_s = (1.0 - s_vals.exp().sum(-1)).clamp_min(1e-12)
+    kl = kl + torch.where(r > 1e-12, r * (torch.log(r.clamp_min(1e-12)) - torch.log(r_s)), torch.zeros_like(r))
+    return float(kl.mean())
+
+
+def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens."""
+    target = input_ids[:, 1:].reshape(-1).to(logits.device)
+    loss = F.cross_entropy(_flat_logits(logits), target, reduction="sum")
+    return float(loss), int(target.numel())
+
+
+@torch.no_grad()
+def perplexity(model, tokens: np.ndarray | torch.Tensor, batch_size: int = 4, device=None) -> float:
+    """Perplexity of `model` on rows of `tokens` [n, seq_len] (each row an independent window)."""
+    device = device or next(model.parameters()).device
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    total, count = 0.0, 0
+    for i in range(0, ids.shape[0], batch_size):
+        batch = ids[i : i + batch_size].to(device)
+        logits = model(batch).logits
+        s, n = nll_sum(logits, batch)
+        total, count = total + s, count + n
+    return float(np.exp(total / max(count, 1)))

@@ -1,0 +1,361 @@
+"""Runs one search end to end: data → database → Ray Tune (searcher ⇄ evaluators) → report.
+
+The Tune loop: a searcher proposes {layer: level} configs (+ _rp_* meta keys), each trial is
+one candidate evaluation on a reused evaluator actor (reuse_actors=True) that keeps the base
+model loaded and reads variants from the object store.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import RayPressError
+
+log = logging.getLogger("raypress")
+
+ONE_SHOT = ("uniform", "owl", "hessian", "dp", "shortgpt")
+
+
+@dataclass
+class SearchResult:
+    run_name: str
+    best_config: dict
+    best_fitness: float | None
+    mean_value: float
+    ppl_dense: float
+    ppl_uniform: float
+    ppl_best: float
+    kl_uniform: float
+    kl_best: float
+    evaluations: int
+    wall_s: float
+    search_s: float
+    db_build_s: float | None
+    db_bytes: int | None
+    tracking_uri: str
+    run_id: str
+    experiment_dir: str | None = None
+    history: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.run_name}: held-out perplexity dense {self.ppl_dense:.2f} | uniform {self.ppl_uniform:.2f} | "
+            f"searched {self.ppl_best:.2f} (KL {self.kl_uniform:.4f} -> {self.kl_best:.4f}, "
+            f"{self.evaluations} evaluations, search {self.search_s:.0f}s, total {self.wall_s:.0f}s)"
+        )
+
+
+def ensure_ray(address: str | None = None):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        else:
+            # embedded default: a local Ray, dashboard bound to localhost only
+            ray.init(include_dashboard=False, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        raise RayPressError(
+            f"cannot connect to the Ray cluster at '{address}' ({str(e).splitlines()[0][:120]}); "
+            "start it with `ray start --head` or unset ray_address/RAY_ADDRESS to use a local Ray"
+        ) from None
+    return ray
+
+
+def default_run_name(cfg: Config) -> str:
+    model = Path(cfg.model).name if "/" in cfg.model else cfg.model
+    return f"{model}-{cfg.family}-{cfg.method}-{cfg.target:g}-{cfg.searcher.name}"
+
+
+def make_searcher(cfg: Config, space, initial: dict | None):
+    s = cfg.searcher
+    stages = [tuple(x) for x in s.stages]
+    if s.name == "evopress":
+        from .search.evolution import EvoPressSearcher
+
+        return EvoPressSearcher(
+            space,
+            generations=s.generations,
+            offspring=s.offspring,
+            stages=stages,
+            max_mutations=s.max_mutations,
+            seed=s.seed,
+            initial=initial,
+        )
+    n = s.samples or evolution_budget(cfg)
+    if s.name == "random":
+        from .search.random import RandomSearcher
+
+        return RandomSearcher(space, n_samples=n, n_tokens=stages[-1][0], seed=s.seed)
+    if s.name in ("tpe", "cmaes", "nsga2"):
+        from .search.optuna import make_optuna_searcher
+
+        return make_optuna_searcher(space, sampler=s.name, seed=s.seed, n_tokens=stages[-1][0]), n
+    raise RayPressError(f"searcher '{s.name}' is not a Tune searcher")
+
+
+def evolution_budget(cfg: Config) -> int:
+    """Candidate evaluations an evolution run would spend (to give baselines the same budget)."""
+    s = cfg.searcher
+    per_gen, n = 0, s.offspring + 1
+    for _, survivors in s.stages:
+        per_gen += n
+        n = survivors
+    return per_gen * s.generations
+
+
+def resources(cfg: Config) -> tuple[int, dict]:
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    cpus = int(total.get("CPU", 1))
+    want_gpu = cfg.evaluator.device.startswith("cuda") or (cfg.evaluator.device == "auto" and gpus > 0)
+    if cfg.evaluator.device.startswith("cuda") and gpus == 0:
+        raise RayPressError(
+            "evaluator.device=cuda but the Ray cluster has no GPUs; use evaluator.device=cpu or add GPU nodes"
+        )
+    n = cfg.evaluator.num_evaluators
+    if n == "auto":
+        n = max(1, gpus) if want_gpu else 1
+    n = int(n)
+    cpe = cfg.evaluator.cpus_per_evaluator
+    cpe = max(1, (cpus // n) if not want_gpu else min(4, max(1, cpus // n))) if cpe == "auto" else int(cpe)
+    res = {"cpu": cpe, "gpu": 1} if want_gpu else {"cpu": cpe}
+    return n, res
+
+
+class _GenerationLogger:
+    """Tune callback: forwards the searcher's per-generation summaries to MLflow."""
+
+    def __new__(cls, searcher, tracker, t0):
+        from ray import tune
+
+        class CB(tune.Callback):
+            def _flush(self):
+                for h in searcher.pop_new_history():
+                    wall = max(time.time() - t0, 1e-9)
+                    m = {k: h[k] for k in ("best_fitness", "median_fitness", "evaluations", "tokens") if k in h}
+                    m["evaluations_per_s"] = h.get("evaluations", 0) / max(h.get("wall_time", wall), 1e-9)
+                    tracker.log_metrics(m, step=int(h.get("generation", 0)))
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._flush()
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._flush()
+
+            def on_experiment_end(self, trials, **info):
+                self._flush()
+
+        return CB()
+
+
+def run_tune(cfg: Config, spec, searcher, num_samples: int, callbacks: list, storage: Path, name: str):
+    from ray import tune
+
+    from .evaluator import make_trainable
+
+    n_eval, res = resources(cfg)
+    tuner = tune.Tuner(
+        make_trainable(spec, res),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            metric="fitness",
+            mode="min",
+            num_samples=num_samples,
+            max_concurrent_trials=n_eval,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage.resolve()),
+            callbacks=callbacks,
+            verbose=0,
+            # a dead evaluator actor only costs a retry of its candidate, never a generation
+            failure_config=tune.FailureConfig(max_failures=3),
+        ),
+    )
+    return tuner.fit()
+
+
+def _atomic_write(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, default=str))
+    os.replace(tmp, path)
+
+
+class _StateSaver:
+    """Tune callback: persists the searcher state after every finished trial (for --resume)."""
+
+    def __new__(cls, searcher, path: Path, base: dict):
+        from ray import tune
+
+        class CB(tune.Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                _atomic_write(path, {**base, "searcher": searcher.get_state()})
+
+            on_trial_error = on_trial_complete
+
+        return CB()
+
+
+def _one_shot_config(cfg: Config, prep, seed: int) -> dict:
+    name = cfg.searcher.init if cfg.searcher.name == "evopress" else cfg.searcher.name
+    if name == "uniform":
+        return prep.space.uniform()
+    from .search.schedules import run_schedule
+
+    return run_schedule(name, prep.space, seed=seed, **prep.context)
+
+
+def run_search(cfg: Config, resume: str | Path | None = None) -> SearchResult:
+    """Run (or resume) one search and return its report. Every MLflow run ends FINISHED/FAILED."""
+    from .data import load_tokens, make_splits
+    from .evaluator import Evaluator, EvaluatorSpec
+    from .families import prepare
+    from .models import get_adapter, load_model
+    from .tracking import Tracker, fitness_curve, level_heatmap, tracked
+
+    t_start = time.time()
+    state = None
+    if resume:
+        out_dir = Path(resume)
+        state_file = out_dir / "raypress_state.json"
+        if not state_file.is_file():
+            raise RayPressError(f"nothing to resume in {out_dir}: no raypress_state.json (was the search started there?)")
+        state = json.loads(state_file.read_text())
+        run_name = state["run_name"]
+    else:
+        run_name = cfg.tracking.run_name or default_run_name(cfg)
+        out_dir = Path(cfg.output) / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        state_file = out_dir / "raypress_state.json"
+
+    # everything a user can get wrong is checked before an MLflow run exists
+    model, tokenizer = load_model(cfg.model)
+    adapter = get_adapter(model)
+    tokens = load_tokens(cfg.data.source, tokenizer, cfg.data.max_tokens)
+    splits = make_splits(tokens, cfg.data.seq_len, cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
+    ray = ensure_ray(cfg.ray_address)
+    n_eval, res = resources(cfg)
+
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_name, run_id=state and state.get("run_id"))
+    with tracked(tracker):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            tracker.log_params(cfg.flat())
+            tracker.set_tags({"raypress.output_dir": str(out_dir.resolve())})
+        t_db = time.time()
+        prep = prepare(cfg, model, adapter, splits.calib, cfg.model)
+        db_s = time.time() - t_db
+        space = prep.space
+        if not resume:
+            tracker.log_params({"space.layers": len(space.layers), **prep.describe})
+        spec = EvaluatorSpec(
+            model=cfg.model,
+            applier=prep.applier,
+            calib=ray.put(splits.calib),
+            eval=ray.put(splits.eval),
+            device=cfg.evaluator.device,
+            dtype=cfg.evaluator.dtype,
+            batch_size=cfg.evaluator.batch_size,
+            kl_topk=cfg.evaluator.kl_topk,
+        )
+        uniform = space.uniform()
+        t_search = time.time()
+        history: list = []
+        evaluations = 0
+        best_fitness = None
+        if cfg.searcher.name in ONE_SHOT:
+            best = _one_shot_config(cfg, prep, cfg.searcher.seed)
+        else:
+            initial = None if cfg.searcher.init == "uniform" else _one_shot_config(cfg, prep, cfg.searcher.seed)
+            made = make_searcher(cfg, space, initial)
+            searcher, n = (made if isinstance(made, tuple) else (made, -1))
+            if state and state.get("searcher"):
+                searcher.set_state(state["searcher"])
+            base = {"run_name": run_name, "run_id": tracker.run_id, "config": cfg.to_dict()}
+            _atomic_write(state_file, {**base, "searcher": state.get("searcher") if state else None})
+            callbacks = [_GenerationLogger(searcher, tracker, t_search), _StateSaver(searcher, state_file, base)]
+            name = "tune" if not resume else f"tune-resume-{int(time.time())}"
+            run_tune(cfg, spec, searcher, n, callbacks, out_dir, name)
+            best, best_fitness = searcher.best_config, searcher.best_fitness
+            history = list(getattr(searcher, "history", []))
+            evaluations = history[-1]["evaluations"] if history else 0
+        search_s = time.time() - t_search
+        space.check(best)
+
+        # final held-out numbers on an evaluator actor (GPU if the cluster has one)
+        actor = ray.remote(Evaluator).options(num_cpus=res["cpu"], num_gpus=res.get("gpu", 0)).remote(spec)
+        ppl_dense = ray.get(actor.perplexity.remote({}))
+        ppl_uniform, kl_uniform = ray.get(actor.heldout.remote(uniform))
+        ppl_best, kl_best = ray.get(actor.heldout.remote(best))
+        ray.kill(actor)
+
+        desc = space.describe(best)
+        result = SearchResult(
+            run_name=run_name,
+            best_config=best,
+            best_fitness=best_fitness,
+            mean_value=float(space.mean_value(best)),
+            ppl_dense=ppl_dense,
+            ppl_uniform=ppl_uniform,
+            ppl_best=ppl_best,
+            kl_uniform=kl_uniform,
+            kl_best=kl_best,
+            evaluations=evaluations,
+            wall_s=time.time() - t_start,
+            search_s=search_s,
+            db_build_s=db_s if prep.db is not None else None,
+            db_bytes=int(prep.db.meta.get("total_bytes", 0)) if prep.db is not None else None,
+            tracking_uri=tracker.uri,
+            run_id=tracker.run_id,
+            experiment_dir=str(out_dir.resolve()),
+            history=history,
+        )
+        tracker.log_metrics(
+            {
+                "ppl_dense": ppl_dense,
+                "ppl_uniform": ppl_uniform,
+                "ppl_best": ppl_best,
+                "kl_heldout_uniform": kl_uniform,
+                "kl_heldout_best": kl_best,
+                "mean_value_best": result.mean_value,
+                "search_seconds": search_s,
+                "wall_seconds": result.wall_s,
+                "db_build_seconds": result.db_build_s,
+                "evaluations_total": evaluations,
+            }
+        )
+        tracker.log_json(
+            {
+                "family": cfg.family,
+                "method": cfg.method,
+                "target": cfg.target,
+                "mean_value": result.mean_value,
+                "layers": {l: {"level": best[l], "value": v} for l, v in desc["values"].items()},
+            },
+            "best_config.json",
+        )
+        tracker.log_json(history, "history.json")
+        tracker.log_json(asdict(result) | {"best_config": None}, "summary.json")
+        fig = level_heatmap(space, best, f"{run_name}: level values")
+        tracker.log_figure(fig, "level_heatmap.png")
+        if history:
+            curve = [(h["evaluations"], h["best_fitness"]) for h in history]
+            tracker.log_figure(fitness_curve({cfg.searcher.name: curve}), "fitness_curve.png")
+        _atomic_write(out_dir / "result.json", asdict(result))
+    return result

@@ -1,0 +1,1 @@
+"""Searchers (Ray Tune `Searcher`s) and one-shot schedules over a SearchSpace."""

@@ -1,0 +1,200 @@
+"""MLflow tracking: one parent run per search, metrics per generation, artifacts, plots.
+
+Default store: SQLite `mlflow.db` in the working directory; `MLFLOW_TRACKING_URI` or
+`tracking.uri` win. Every run ends FINISHED or FAILED (with the reason as a tag) — never
+left RUNNING.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import RayPressError
+
+log = logging.getLogger("raypress")
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def _check_writable(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        p = Path(uri[len("sqlite:///") :])
+        d = p.parent
+        if not d.exists() or not os.access(d, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            raise RayPressError(
+                f"MLflow store {uri} is not writable; set MLFLOW_TRACKING_URI or tracking.uri to a writable location"
+            )
+
+
+class Tracker:
+    """Thin wrapper around an MLflow run that is always closed with a status."""
+
+    def __init__(
+        self, uri: str | None, experiment: str, run_name: str, parent_run_id: str | None = None, run_id: str | None = None
+    ):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(uri)
+        _check_writable(self.uri)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            if run_id:  # resume: reopen the same run
+                self.run = self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id, self.experiment_id, self.closed = run_id, self.run.info.experiment_id, False
+                return
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            tags = {"mlflow.runName": run_name}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            self.run = self.client.create_run(exp_id, tags=tags, run_name=run_name)
+        except RayPressError:
+            raise
+        except Exception as e:  # unreachable server, unwritable store, ...
+            raise RayPressError(
+                f"cannot open the MLflow store at {self.uri} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                "check MLFLOW_TRACKING_URI / tracking.uri"
+            ) from None
+        self.run_id = self.run.info.run_id
+        self.experiment_id = exp_id
+        self.closed = False
+
+    # -- logging ---------------------------------------------------------------------------
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        if ms:
+            self.client.log_batch(self.run_id, metrics=ms)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_json(self, obj, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            self.client.log_artifact(self.run_id, str(p))
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, fig, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            fig.savefig(p, dpi=110, bbox_inches="tight")
+            self.client.log_artifact(self.run_id, str(p))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def finish(self) -> None:
+        if not self.closed:
+            self.client.set_terminated(self.run_id, "FINISHED")
+            self.closed = True
+
+    def fail(self, reason: str) -> None:
+        if not self.closed:
+            try:
+                self.client.set_tag(self.run_id, "raypress.error", reason[:5000])
+            finally:
+                self.client.set_terminated(self.run_id, "FAILED")
+                self.closed = True
+
+    def kill(self) -> None:
+        if not self.closed:
+            self.client.set_terminated(self.run_id, "KILLED")
+            self.closed = True
+
+    @property
+    def url_hint(self) -> str:
+        return f"{self.uri} (experiment {self.experiment_id}, run {self.run_id})"
+
+
+@contextmanager
+def tracked(tracker: Tracker):
+    """FINISHED on success, FAILED with the reason on any error, KILLED on Ctrl-C."""
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.kill()
+        raise
+    except BaseException as e:
+        tracker.fail(f"{type(e).__name__}: {e}")
+        raise
+    else:
+        tracker.finish()
+
+
+def level_heatmap(space, config: dict, title: str = ""):
+    """Blocks × linear-layer heatmap of the chosen level values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows: dict[str, dict[str, float]] = {}
+    for layer, values in zip(space.layers, space.level_values):
+        parts = layer.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        block = parts[idx] if idx is not None else "0"
+        sub = ".".join(parts[idx + 1 :]) if idx is not None else layer
+        rows.setdefault(sub or "block", {})[block] = values[config[layer]]
+    subs = list(rows)
+    blocks = sorted({b for r in rows.values() for b in r}, key=int)
+    grid = np.full((len(subs), len(blocks)), np.nan)
+    for i, s in enumerate(subs):
+        for j, b in enumerate(blocks):
+            grid[i, j] = rows[s].get(b, np.nan)
+    fig, ax = plt.subplots(figsize=(max(6, len(blocks) * 0.3), 1 + 0.4 * len(subs)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(subs)), subs)
+    ax.set_xticks(range(len(blocks)), blocks, fontsize=7)
+    ax.set_xlabel("block")
+    ax.set_title(title or "level per layer")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def fitness_curve(curves: dict[str, list[tuple[float, float]]], title: str = "fitness vs evaluations"):
+    """curves: name -> [(evaluations, best fitness)]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker=".", label=name)
+    ax.set_xlabel("candidate evaluations")
+    ax.set_ylabel("KL(dense ‖ candidate)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig

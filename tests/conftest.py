@@ -1,0 +1,42 @@
+"""Shared fixtures: one real local Ray for the whole session, a throwaway MLflow store."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray cluster shared by all tests (local_mode is gone in Ray 2.60)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store per test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def wikitext_path():
+    if not WIKITEXT.is_file():
+        pytest.skip(f"offline corpus {WIKITEXT} not present")
+    return WIKITEXT
