@@ -36,6 +36,9 @@ class SearcherConfig:
     offspring: int = 16
     stages: list = field(default_factory=lambda: [[512, 4], [2048, 1]])  # [tokens, survivors]
     max_mutations: int = 3
+    # share of level switches that move budget 1-against-2 layers: lets compression flow between
+    # layers whose sizes have no small common multiple (e.g. attention vs MLP in SmolLM2)
+    three_way: float = 0.25
     samples: int | None = None  # random/TPE: candidate evaluations (default: match evolution)
     init: str = "uniform"  # uniform or a schedule name (owl, hessian, dp, ...)
     seed: int = 0

@@ -94,7 +94,7 @@ class Evaluator:
     def _forward(self, ids: np.ndarray):
         """Yield (batch_ids, logits) in micro-batches."""
         bs = self.spec.batch_size
-        t = torch.as_tensor(ids, dtype=torch.long)
+        t = torch.from_numpy(np.array(ids, dtype=np.int64))  # own copy: ids may be object-store memory
         for i in range(0, t.shape[0], bs):
             batch = t[i : i + bs].to(self.device)
             yield batch, self.model(batch, use_cache=False).logits
@@ -187,6 +187,13 @@ class EvaluatorTrainable(tune.Trainable):
         result = self.evaluator.score_config(self._cfg)
         result["done"] = True
         return result
+
+    # a trial is one stateless evaluation: a retried trial re-runs it, nothing to checkpoint
+    def save_checkpoint(self, checkpoint_dir):
+        return {}
+
+    def load_checkpoint(self, checkpoint):
+        return None
 
 
 def make_trainable(spec: EvaluatorSpec, resources: dict):

@@ -55,6 +55,9 @@ class SearchResult:
 def ensure_ray(address: str | None = None):
     import ray
 
+    # per-trial result files are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): MLflow is the record
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -80,8 +83,9 @@ def default_run_name(cfg: Config) -> str:
     return f"{model}-{cfg.family}-{cfg.method}-{cfg.target:g}-{cfg.searcher.name}"
 
 
-def make_searcher(cfg: Config, space, initial: dict | None):
+def make_searcher(cfg: Config, space, initial: dict | None, hints: dict | None = None):
     s = cfg.searcher
+    three_way = (hints or {}).get("three_way", s.three_way)
     stages = [tuple(x) for x in s.stages]
     if s.name == "evopress":
         from .search.evolution import EvoPressSearcher
@@ -94,16 +98,18 @@ def make_searcher(cfg: Config, space, initial: dict | None):
             max_mutations=s.max_mutations,
             seed=s.seed,
             initial=initial,
+            three_way=three_way,
         )
     n = s.samples or evolution_budget(cfg)
     if s.name == "random":
         from .search.random import RandomSearcher
 
-        return RandomSearcher(space, n_samples=n, n_tokens=stages[-1][0], seed=s.seed)
+        return RandomSearcher(space, n_samples=n, n_tokens=stages[-1][0], seed=s.seed, three_way=three_way)
     if s.name in ("tpe", "cmaes", "nsga2"):
         from .search.optuna import make_optuna_searcher
 
-        return make_optuna_searcher(space, sampler=s.name, seed=s.seed, n_tokens=stages[-1][0]), n
+        init = [initial] if initial else None
+        return make_optuna_searcher(space, sampler=s.name, seed=s.seed, n_tokens=stages[-1][0], initial=init), n
     raise RayPressError(f"searcher '{s.name}' is not a Tune searcher")
 
 
@@ -179,6 +185,9 @@ def run_tune(cfg: Config, spec, searcher, num_samples: int, callbacks: list, sto
             num_samples=num_samples,
             max_concurrent_trials=n_eval,
             reuse_actors=True,
+            # layer names make Tune's default trial names hundreds of characters long
+            trial_name_creator=lambda t: f"trial_{t.trial_id}",
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -187,6 +196,7 @@ def run_tune(cfg: Config, spec, searcher, num_samples: int, callbacks: list, sto
             verbose=0,
             # a dead evaluator actor only costs a retry of its candidate, never a generation
             failure_config=tune.FailureConfig(max_failures=3),
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
         ),
     )
     return tuner.fit()
@@ -213,13 +223,29 @@ class _StateSaver:
         return CB()
 
 
-def _one_shot_config(cfg: Config, prep, seed: int) -> dict:
+def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib) -> dict:
+    """A schedule's config (no search): uniform, OWL, Hessian, DP, random or ShortGPT."""
     name = cfg.searcher.init if cfg.searcher.name == "evopress" else cfg.searcher.name
+    space = prep.space
     if name == "uniform":
-        return prep.space.uniform()
+        return space.uniform()
+    if name == "shortgpt":
+        if cfg.family != "depth":
+            raise RayPressError("the shortgpt schedule scores depth units; use it with family: depth")
+        from .compress.depth import shortgpt_config, shortgpt_scores
+
+        unit = "block" if cfg.database.granularity == "block" else "sublayer"
+        return shortgpt_config(space, shortgpt_scores(model, adapter, calib, unit=unit))
     from .search.schedules import run_schedule
 
-    return run_schedule(name, prep.space, seed=seed, **prep.context)
+    ctx = dict(prep.context)
+    if name in ("owl", "hessian", "dp") and "hessians" not in ctx:
+        from .calibrate import collect_stats
+
+        st = collect_stats(model, adapter, calib)
+        ctx.update(hessians=st["hessian"], norms=st["norms"])
+        prep.context.update(hessians=st["hessian"], norms=st["norms"])
+    return run_schedule(name, space, seed=seed, **ctx)
 
 
 def run_search(cfg: Config, resume: str | Path | None = None) -> SearchResult:
@@ -280,10 +306,12 @@ def run_search(cfg: Config, resume: str | Path | None = None) -> SearchResult:
         evaluations = 0
         best_fitness = None
         if cfg.searcher.name in ONE_SHOT:
-            best = _one_shot_config(cfg, prep, cfg.searcher.seed)
+            best = _one_shot_config(cfg, prep, cfg.searcher.seed, model, adapter, splits.calib)
         else:
-            initial = None if cfg.searcher.init == "uniform" else _one_shot_config(cfg, prep, cfg.searcher.seed)
-            made = make_searcher(cfg, space, initial)
+            initial = None
+            if cfg.searcher.init != "uniform":
+                initial = _one_shot_config(cfg, prep, cfg.searcher.seed, model, adapter, splits.calib)
+            made = make_searcher(cfg, space, initial, prep.context.get("searcher_hints"))
             searcher, n = (made if isinstance(made, tuple) else (made, -1))
             if state and state.get("searcher"):
                 searcher.set_state(state["searcher"])

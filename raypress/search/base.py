@@ -1,0 +1,201 @@
+"""Shared plumbing for RayPress's own Tune searchers (EvoPress, random).
+
+Plain Python behind the Ray Tune `Searcher` interface: `suggest` / `on_trial_complete` can be
+driven by hand (tests) or by Tune. State is JSON (get_state/set_state/save/restore): configs as
+level lists in `space.layers` order, the numpy Generator's bit_generator state, counters, history.
+Trials that were in flight when a state was saved are re-queued on restore (their results died
+with the old Tune run), so a restored searcher finishes the same generation with the same tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from ray.tune.search import Searcher
+
+from ..errors import RayPressError
+
+log = logging.getLogger("raypress")
+
+META_KEYS = ("_rp_tokens", "_rp_generation", "_rp_stage", "_rp_seed")
+
+
+def make_rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    return json.loads(json.dumps(rng.bit_generator.state))
+
+
+def set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state
+
+
+def _num(x):
+    """JSON-friendly float (inf/nan kept as floats; json handles them)."""
+    return None if x is None else float(x)
+
+
+class RayPressSearcher(Searcher):
+    """Base: space, seed, metric/mode, trial-config building, result parsing, history, JSON state."""
+
+    kind = "base"
+
+    def __init__(self, space, *, seed: int = 0, metric: str = "fitness", mode: str = "min", max_retries: int = 3):
+        if mode not in ("min", "max"):
+            raise RayPressError(f"mode must be 'min' or 'max', got {mode!r}")
+        super().__init__(metric=metric, mode=mode)
+        self.space = space
+        self.seed = int(seed)
+        self.max_retries = int(max_retries)
+        self.rng = make_rng(self.seed)
+        self.history: list[dict] = []
+        self._history_sent = 0
+        self.best_config: dict | None = None
+        self.best_fitness: float | None = None
+        self.evaluations = 0
+        self.tokens = 0
+        self.failures = 0
+        self._elapsed_before = 0.0
+        self._t0: float | None = None
+        self.finished = False
+
+    # ------------------------------------------------------------------ Tune hooks
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        """Accept Tune's metric/mode; no param space is needed (the space is ours)."""
+        if metric:
+            self._metric = metric
+        if mode:
+            if mode not in ("min", "max"):
+                return False
+            self._mode = mode
+        return True
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if (self._mode or "min") == "min" else -1.0
+
+    def _start_clock(self):
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+
+    def wall_time(self) -> float:
+        return self._elapsed_before + (time.monotonic() - self._t0 if self._t0 is not None else 0.0)
+
+    def _trial_config(self, arr: np.ndarray, tokens: int, generation: int, stage: int) -> dict:
+        cfg = self.space.array_to_config(arr)
+        cfg.update({"_rp_tokens": int(tokens), "_rp_generation": int(generation), "_rp_stage": int(stage),
+                    "_rp_seed": self.seed})
+        return cfg
+
+    def _fitness(self, result, error: bool) -> float | None:
+        """Metric of a finished trial, or None when the trial failed (error / no result / no metric).
+        NaN fitness counts as the worst possible (+inf in min mode)."""
+        if error or not result:
+            return None
+        v = result.get(self._metric or "fitness")
+        if v is None:
+            return None
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return None
+        if math.isnan(v):
+            return math.inf if self.sign > 0 else -math.inf
+        return v
+
+    @staticmethod
+    def _result_tokens(result, default: int) -> int:
+        """Tokens the trial reports having used (falls back to what it was asked for)."""
+        tok = result.get("tokens") if isinstance(result, dict) else None
+        try:
+            tok = float(tok)
+        except (TypeError, ValueError):
+            return int(default)
+        return int(tok) if math.isfinite(tok) and tok >= 0 else int(default)
+
+    def _key(self, f: float) -> float:
+        """Sort key: smaller is better."""
+        return self.sign * f
+
+    # ------------------------------------------------------------------ history
+    def pop_new_history(self) -> list[dict]:
+        new = self.history[self._history_sent:]
+        self._history_sent = len(self.history)
+        return [dict(h) for h in new]
+
+    # ------------------------------------------------------------------ state
+    def _base_state(self) -> dict:
+        return {
+            "kind": self.kind,
+            "version": 1,
+            "space": self.space.fingerprint(),
+            "seed": self.seed,
+            "metric": self._metric,
+            "mode": self._mode,
+            "max_retries": self.max_retries,
+            "rng": rng_state(self.rng),
+            "history": [dict(h) for h in self.history],
+            "history_sent": self._history_sent,
+            "best_config": None if self.best_config is None else [int(self.best_config[l]) for l in self.space.layers],
+            "best_fitness": _num(self.best_fitness),
+            "evaluations": self.evaluations,
+            "tokens": self.tokens,
+            "failures": self.failures,
+            "elapsed": self.wall_time(),
+            "finished": self.finished,
+        }
+
+    def _set_base_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("kind") != self.kind:
+            got = state.get("kind") if isinstance(state, dict) else type(state).__name__
+            raise RayPressError(f"saved searcher state is for '{got}', not '{self.kind}'; resume with the same searcher")
+        if state.get("space") != self.space.fingerprint():
+            raise RayPressError(
+                "saved searcher state belongs to a different search space (layers/levels/target changed); "
+                "resume with the original config or start a new search"
+            )
+        self.seed = int(state["seed"])
+        self._metric = state.get("metric") or self._metric
+        self._mode = state.get("mode") or self._mode
+        self.max_retries = int(state.get("max_retries", self.max_retries))
+        self.rng = make_rng(self.seed)
+        set_rng_state(self.rng, state["rng"])
+        self.history = [dict(h) for h in state["history"]]
+        self._history_sent = int(state["history_sent"])
+        bc = state.get("best_config")
+        self.best_config = None if bc is None else self.space.array_to_config(np.asarray(bc, dtype=np.int64))
+        self.best_fitness = state.get("best_fitness")
+        self.evaluations = int(state["evaluations"])
+        self.tokens = int(state["tokens"])
+        self.failures = int(state.get("failures", 0))
+        self._elapsed_before = float(state.get("elapsed", 0.0))
+        self._t0 = None
+        self.finished = bool(state.get("finished", False))
+
+    def get_state(self) -> dict:
+        raise NotImplementedError
+
+    def set_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def save(self, checkpoint_path) -> None:
+        """JSON state file (atomic: written next to the path, then renamed)."""
+        path = Path(checkpoint_path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.get_state()))
+        os.replace(tmp, path)
+
+    def restore(self, checkpoint_path) -> None:
+        path = Path(checkpoint_path)
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RayPressError(f"cannot read searcher state {path} ({e}); resume from an intact state file") from None
+        self.set_state(state)

@@ -1,0 +1,142 @@
+"""Random search baseline: `n_samples` feasible configs (space.random_feasible), each scored
+once at the final-stage token count, all on the same calibration tokens (generation 0, stage 0)
+so their fitnesses compare fairly. Same trial-config keys, history, best_* and JSON state API as
+EvoPressSearcher. Sample i is a pure function of (seed, i), so re-queues and restores are exact.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from ray.tune.search import Searcher
+
+from ..errors import RayPressError
+from .base import RayPressSearcher
+
+log = logging.getLogger("raypress")
+
+
+class RandomSearcher(RayPressSearcher):
+    kind = "random"
+
+    def __init__(self, space, *, n_samples: int, n_tokens: int = 2048, seed: int = 0,
+                 metric: str = "fitness", mode: str = "min", n_steps: int | None = None,
+                 max_step: int = 4, three_way: float = 0.0, history_every: int | None = None,
+                 max_retries: int = 3):
+        if int(n_samples) < 1 or int(n_tokens) < 1:
+            raise RayPressError("n_samples and n_tokens must be >= 1 (e.g. n_samples=200, n_tokens=2048)")
+        super().__init__(space, seed=seed, metric=metric, mode=mode, max_retries=max_retries)
+        self.n_samples = int(n_samples)
+        self.n_tokens = int(n_tokens)
+        self.n_steps = None if n_steps is None else int(n_steps)
+        self.max_step = int(max_step)
+        self.three_way = float(three_way)
+        self.history_every = int(history_every) if history_every else max(1, math.ceil(self.n_samples / 20))
+        self.next_index = 0
+        self.done = 0
+        self.pending: list[int] = []
+        self.in_flight: dict[str, int] = {}
+        self.retries: dict[int, int] = {}
+        self._chunk: list[float] = []
+        self._best_index: int | None = None
+        self._cache: dict[int, np.ndarray] = {}
+        self.best_config = space.uniform()
+
+    def sample(self, index: int) -> np.ndarray:
+        """Sample `index` (deterministic in (seed, index))."""
+        arr = self._cache.get(index)
+        if arr is None:
+            rng = np.random.Generator(np.random.PCG64([self.seed, int(index)]))
+            arr = self.space.random_feasible(rng, n_steps=self.n_steps, max_step=self.max_step,
+                                             three_way=self.three_way, as_array=True)
+            self._cache[index] = arr
+        return arr
+
+    def suggest(self, trial_id: str):
+        if self.finished:
+            return Searcher.FINISHED
+        self._start_clock()
+        if self.pending:
+            idx = self.pending.pop(0)
+        elif self.next_index < self.n_samples:
+            idx = self.next_index
+            self.next_index += 1
+        else:
+            return None
+        self.in_flight[str(trial_id)] = idx
+        return self._trial_config(self.sample(idx), self.n_tokens, 0, 0)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        idx = self.in_flight.pop(str(trial_id), None)
+        if idx is None:
+            return
+        f = self._fitness(result, error)
+        if f is None:
+            self.failures += 1
+            self.retries[idx] = self.retries.get(idx, 0) + 1
+            if self.retries[idx] <= self.max_retries:
+                self.pending.insert(0, idx)
+                return
+            log.warning("random sample %d failed %d times; skipping it", idx, self.retries[idx])
+        else:
+            self.evaluations += 1
+            self.tokens += self._result_tokens(result, self.n_tokens)
+            if self.best_fitness is None or (self._key(f), idx) < (self._key(self.best_fitness), self._best_index):
+                self.best_fitness = float(f)
+                self._best_index = idx
+                self.best_config = self.space.array_to_config(self.sample(idx))
+            self._chunk.append(float(f))
+        self.retries.pop(idx, None)
+        self._cache.pop(idx, None)
+        self.done += 1
+        if self._chunk and (len(self._chunk) >= self.history_every or self.done >= self.n_samples):
+            self.history.append({
+                "generation": len(self.history),
+                "best_fitness": self.best_fitness,
+                "median_fitness": float(np.median(self._chunk)),
+                "evaluations": self.evaluations,
+                "tokens": self.tokens,
+                "wall_time": self.wall_time(),
+                "failures": self.failures,
+            })
+            self._chunk = []
+        if self.done >= self.n_samples:
+            self.finished = True
+
+    # ------------------------------------------------------------------ state
+    def get_state(self) -> dict:
+        s = self._base_state()
+        s.update({
+            "settings": {"n_samples": self.n_samples, "n_tokens": self.n_tokens, "n_steps": self.n_steps,
+                         "max_step": self.max_step, "three_way": self.three_way,
+                         "history_every": self.history_every},
+            "next_index": self.next_index,
+            "done": self.done,
+            "pending": list(self.pending),
+            "in_flight": [[t, i] for t, i in self.in_flight.items()],
+            "retries": [[i, n] for i, n in self.retries.items()],
+            "chunk": list(self._chunk),
+            "best_index": self._best_index,
+        })
+        return s
+
+    def set_state(self, state: dict) -> None:
+        self._set_base_state(state)
+        st = state["settings"]
+        self.n_samples = int(st["n_samples"])
+        self.n_tokens = int(st["n_tokens"])
+        self.n_steps = None if st.get("n_steps") is None else int(st["n_steps"])
+        self.max_step = int(st.get("max_step", 4))
+        self.three_way = float(st.get("three_way", 0.0))
+        self.history_every = int(st["history_every"])
+        self.next_index = int(state["next_index"])
+        self.done = int(state["done"])
+        self.pending = [int(i) for _, i in state["in_flight"]] + [int(i) for i in state["pending"]]
+        self.in_flight = {}
+        self.retries = {int(i): int(n) for i, n in state["retries"]}
+        self._chunk = [float(f) for f in state["chunk"]]
+        self._best_index = state.get("best_index")
+        self._cache = {}
+        if self.best_config is None:
+            self.best_config = self.space.uniform()

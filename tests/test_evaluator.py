@@ -1,0 +1,69 @@
+"""The evaluator: dense fitness ~0, only changed layers swapped, object-store arrays never written."""
+import numpy as np
+import pytest
+
+from _tiny import tiny_llama
+from raypress.compress import get_method
+from raypress.compress.swap import WeightSwapApplier
+from raypress.data import load_tokens, make_splits
+from raypress.database import build_database
+from raypress.evaluator import Evaluator, EvaluatorSpec
+from raypress.families import dense_levels
+from raypress.models import get_adapter, load_model
+from raypress.space import SearchSpace
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_session, wikitext_path):
+    folder = tiny_llama()
+    model, tok = load_model(folder)
+    adapter = get_adapter(model)
+    splits = make_splits(load_tokens(f"text:{wikitext_path}", tok, 60_000), 64, 24, 8, 0)
+    db = build_database(folder, model, adapter, get_method("sparsegpt"), splits.calib,
+                        cache_root=tmp_path_factory.mktemp("db"), progress=False)
+    refs = db.put()
+    spec = EvaluatorSpec(model=folder, applier=WeightSwapApplier(refs, dense_levels(db)),
+                         calib=ray_session.put(splits.calib), eval=ray_session.put(splits.eval))
+    return db, spec, SearchSpace.for_database(db, 0.5)
+
+
+def test_dense_config_fitness_is_zero_and_uniform_is_not(setup):
+    db, spec, space = setup
+    ev = Evaluator(spec)
+    dense = {l: db.level_values[l].index(0.0) for l in db.layers}
+    assert abs(ev.score(dense, 256)["fitness"]) < 1e-6
+    assert abs(ev.score({}, 256)["fitness"]) < 1e-6
+    assert ev.score(space.uniform(), 256)["fitness"] > 1e-5
+
+
+def test_only_changed_layers_are_swapped(setup):
+    db, spec, space = setup
+    ev = Evaluator(spec)
+    u = space.uniform()
+    assert ev.score(u, 128)["changed"] == len(db.layers)
+    assert ev.score(u, 128)["changed"] == 0
+    child = space.mutate(u, np.random.default_rng(0), n_switches=1)
+    n_diff = sum(child[l] != u[l] for l in u)
+    assert ev.score(child, 128)["changed"] == n_diff >= 2
+
+
+def test_shared_arrays_stay_read_only_and_unchanged(setup, ray_session):
+    db, spec, space = setup
+    ev = Evaluator(spec)
+    layer = db.layers[0]
+    arr = ray_session.get(spec.applier.refs[layer])
+    before = arr.copy()
+    assert not arr.flags.writeable
+    ev.score(space.uniform(), 128)
+    ev.score({}, 128)
+    np.testing.assert_array_equal(arr, before)
+
+
+def test_same_tokens_same_fitness_and_fresh_tokens_per_stage(setup):
+    db, spec, space = setup
+    ev = Evaluator(spec)
+    u = space.uniform()
+    a = ev.score(u, 128, seed=0, generation=1, stage=0)["fitness"]
+    b = ev.score(u, 128, seed=0, generation=1, stage=0)["fitness"]
+    c = ev.score(u, 128, seed=0, generation=2, stage=0)["fitness"]
+    assert a == b and a != c
