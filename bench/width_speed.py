@@ -5,7 +5,7 @@
 
 Per model: parameters, weight memory, prefill throughput (batch × seq forward, tokens/s),
 decode throughput (greedy generate with KV cache, new tokens/s), peak memory (CUDA: max
-allocated during one prefill + decode; nan on CPU) and held-out perplexity. Timings are taken
+weights + the most allocated during one prefill + one decode run; nan on CPU) and held-out perplexity. Timings are taken
 round-robin over the models (best of --repeats rounds) so a noisy host hurts all alike. The pruned models use the
 most uniform exactly-feasible config (`SearchSpace.uniform()`: importance masks + least-squares
 reformation, no search), so perplexities are a floor for what a search finds — the point here is
@@ -92,16 +92,17 @@ def measure_all(models: dict, args, splits, device) -> list[dict]:
             dec[k] = min(dec[k], decode_time(m, xd, device, args.new_tokens))
     rows = []
     for k, m in models.items():
+        params = list({id(p): p for p in m.parameters()}.values())
+        wmib = sum(p.numel() * p.element_size() for p in params) / 2**20
         peak = float("nan")
-        if str(device).startswith("cuda"):
+        if str(device).startswith("cuda"):  # this model's weights + its working memory (others stay resident)
             torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             prefill_time(m, xp, device)
             decode_time(m, xd, device, args.new_tokens)
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        params = list({id(p): p for p in m.parameters()}.values())
-        rows.append(dict(model=k, params_M=sum(p.numel() for p in params) / 1e6,
-                         weights_MiB=sum(p.numel() * p.element_size() for p in params) / 2**20,
+            peak = wmib + (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append(dict(model=k, params_M=sum(p.numel() for p in params) / 1e6, weights_MiB=wmib,
                          prefill_tok_s=xp.numel() / pre[k], decode_tok_s=xd.shape[0] * args.new_tokens / dec[k],
                          peak_MiB=peak, ppl=perplexity(m, splits.eval, device)))
     return rows

@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from .errors import RayPressError
+from .errors import RayPressError, user_error
 
 
 def _quiet() -> None:
@@ -35,15 +35,18 @@ def cmd_search(args) -> int:
     from .runner import run_search
 
     if args.resume:
-        import json as _json
-        from pathlib import Path
-
         from .config import _build, Config, validate
+        from .runner import read_state
 
-        state_file = Path(args.resume) / "raypress_state.json"
-        if not state_file.is_file():
-            raise RayPressError(f"nothing to resume in {args.resume}: no raypress_state.json there")
-        cfg = validate(_build(Config, _json.loads(state_file.read_text())["config"]))
+        if args.config:
+            raise RayPressError("--resume takes its config from the output folder; drop --config")
+        data = read_state(args.resume)["config"]
+        for item in args.set:  # only settings that do not change what is searched
+            key = item.split("=", 1)[0].strip()
+            if not key.startswith(RESUMABLE_KEYS):
+                raise RayPressError(f"--set {key} cannot change on --resume (it would change the search); "
+                                    f"only {', '.join(k.rstrip('.') for k in RESUMABLE_KEYS)} can")
+        cfg = load_config(None, args.set, base=data) if args.set else validate(_build(Config, data))
     else:
         cfg = load_config(args.config, args.set)
     result = run_search(cfg, resume=args.resume)
@@ -51,6 +54,9 @@ def cmd_search(args) -> int:
     print(f"MLflow: {result.tracking_uri}  run {result.run_id}  (view: raypress ui)")
     print(f"outputs: {result.experiment_dir}")
     return 0
+
+
+RESUMABLE_KEYS = ("evaluator.", "ray_address")
 
 
 def cmd_build_db(args) -> int:
@@ -106,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except RayPressError as e:
-        print(f"raypress: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("raypress: interrupted (resume with `raypress search --resume <output dir>`)", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a RayPressError may come back wrapped by Ray / Tune
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"raypress: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

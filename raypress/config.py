@@ -6,6 +6,8 @@ name the valid keys, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import yaml
 from .errors import RayPressError
 
 FAMILIES = ("sparsity", "quant", "depth", "width")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 SEARCHERS = ("evopress", "random", "tpe", "cmaes", "nsga2", "uniform", "owl", "hessian", "dp", "shortgpt")
 
 
@@ -171,12 +174,27 @@ def validate(cfg: Config) -> Config:
         raise RayPressError("data.seq_len must be at least 8 tokens")
     if cfg.searcher.generations < 1 or cfg.searcher.offspring < 1:
         raise RayPressError("searcher.generations and searcher.offspring must be >= 1")
+    ev = cfg.evaluator
+    for key in ("num_evaluators", "cpus_per_evaluator"):
+        v = getattr(ev, key)
+        if v != "auto" and not (isinstance(v, int) and v >= 1):
+            raise RayPressError(f"evaluator.{key} must be auto or an integer >= 1, got {v!r}")
+    if ev.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", ev.device):
+        raise RayPressError(f"evaluator.device must be auto, cpu, cuda or cuda:N, got {ev.device!r}")
+    if ev.dtype not in DTYPES:
+        raise RayPressError(f"evaluator.dtype must be one of {', '.join(DTYPES)}, got {ev.dtype!r}")
+    if ev.batch_size < 1 or (ev.kl_topk is not None and ev.kl_topk < 1):
+        raise RayPressError("evaluator.batch_size and evaluator.kl_topk must be >= 1 (kl_topk: or null for the full KL)")
+    if not math.isfinite(cfg.target) or cfg.target < 0:
+        raise RayPressError(f"target must be a finite number >= 0 (e.g. 0.6 sparsity, 3.0 bits), got {cfg.target!r}")
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML search space (or defaults) and apply `key.sub=value` overrides."""
-    data: dict = {}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Load a YAML search space (or defaults, or the `base` mapping) and apply `key.sub=value` overrides."""
+    import copy
+
+    data: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         p = Path(path)
         if not p.is_file():

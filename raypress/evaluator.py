@@ -6,6 +6,7 @@ trainable (`EvaluatorTrainable`, reused across trials), as a plain Ray actor
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 from ray import tune
 
 from . import data as rp_data
-from .errors import RayPressError
+from .errors import RESULT_KEY, RayPressError
 from .fitness import Teacher, kl_from_teacher, make_teacher, nll_sum
 
 META_KEYS = ("_rp_tokens", "_rp_generation", "_rp_stage", "_rp_seed")
@@ -39,6 +40,31 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
         raise RayPressError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16") from None
+
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _oom_guard(fn):
+    """Out of (GPU) memory -> RayPressError naming the knobs that shrink the working set."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except _OOM:
+            self._teachers.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            topk = self.spec.kl_topk
+            raise RayPressError(
+                f"out of memory on {self.device} evaluating batches of {self.spec.batch_size} sequences"
+                f"{'' if topk is None else f' (kl_topk {topk})'}; lower evaluator.batch_size"
+                f"{' or set evaluator.kl_topk=64 (keeps only the top-k teacher logits)' if topk is None else ''}"
+                ", or use a larger GPU"
+            ) from None
+
+    return wrapper
 
 
 def split_config(config: dict) -> tuple[dict[str, int], dict]:
@@ -112,6 +138,7 @@ class Evaluator:
         return teachers
 
     # -- API -------------------------------------------------------------------------------
+    @_oom_guard
     @torch.no_grad()
     def score(self, levels: dict[str, int], n_tokens: int, seed: int = 0, generation: int = 0, stage: int = 0) -> dict:
         """KL(dense ‖ config) on the (seed, generation, stage) calibration batch."""
@@ -142,6 +169,7 @@ class Evaluator:
             int(meta.get("_rp_stage", 0)),
         )
 
+    @_oom_guard
     @torch.no_grad()
     def perplexity(self, levels: dict[str, int], split: str = "eval") -> float:
         """Perplexity of the config on the held-out split (or 'calib')."""
@@ -153,6 +181,7 @@ class Evaluator:
             total, count = total + s, count + n
         return float(np.exp(total / count))
 
+    @_oom_guard
     @torch.no_grad()
     def heldout(self, levels: dict[str, int]) -> tuple[float, float]:
         """(perplexity, KL from dense) of the config on the held-out split."""
@@ -175,16 +204,31 @@ class Evaluator:
 class EvaluatorTrainable(tune.Trainable):
     """A Tune trial = one candidate evaluation on a reused, model-holding actor."""
 
+    # A user error (RayPressError: out of GPU memory, bad device, ...) is reported as a result
+    # carrying RESULT_KEY instead of raised: Tune would retry an exception (max_failures) although
+    # it fails the same way every time; the runner's stopper ends the search and raises it.
+    # Crashes (a killed actor, a segfault) still raise and are retried.
+
     def setup(self, config, spec: EvaluatorSpec = None):
-        self.evaluator = Evaluator(spec)
         self._cfg = config
+        self._error = None
+        try:
+            self.evaluator = Evaluator(spec)
+        except RayPressError as e:
+            self._error = str(e)
 
     def reset_config(self, new_config):
         self._cfg = new_config
         return True
 
     def step(self):
-        result = self.evaluator.score_config(self._cfg)
+        if self._error is None:
+            try:
+                result = self.evaluator.score_config(self._cfg)
+            except RayPressError as e:
+                self._error = str(e)
+        if self._error is not None:
+            return {"fitness": float("nan"), "tokens": 0, RESULT_KEY: self._error, "done": True}
         result["done"] = True
         return result
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .errors import RayPressError
+from .errors import RESULT_KEY, RayPressError
 
 log = logging.getLogger("raypress")
 
@@ -64,6 +64,10 @@ def ensure_ray(address: str | None = None):
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    if address == "local":
+        address = None
+    if address:
+        _check_ray_address(address)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
@@ -76,6 +80,28 @@ def ensure_ray(address: str | None = None):
             "start it with `ray start --head` or unset ray_address/RAY_ADDRESS to use a local Ray"
         ) from None
     return ray
+
+
+def _check_ray_address(address: str, timeout: float = 2.0) -> None:
+    """A TCP connect to host:port first: ray.init on a dead address retries for minutes."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayPressError(
+            f"ray_address '{address}' is not host:port (e.g. 127.0.0.1:6379 or ray://head:10001); "
+            "fix it or unset ray_address/RAY_ADDRESS to use a local Ray"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayPressError(
+            f"cannot reach the Ray cluster at '{address}' ({e.strerror or type(e).__name__}); "
+            "start it with `ray start --head` or unset ray_address/RAY_ADDRESS to use a local Ray"
+        ) from None
 
 
 def default_run_name(cfg: Config) -> str:
@@ -140,6 +166,11 @@ def resources(cfg: Config) -> tuple[int, dict]:
     n = int(n)
     cpe = cfg.evaluator.cpus_per_evaluator
     cpe = max(1, (cpus // n) if not want_gpu else min(4, max(1, cpus // n))) if cpe == "auto" else int(cpe)
+    if cpe > cpus:  # Tune would wait forever for an actor that never fits
+        raise RayPressError(
+            f"evaluator.cpus_per_evaluator={cpe} but the Ray cluster has {cpus} CPUs; "
+            "lower it (or use auto) or add nodes"
+        )
     res = {"cpu": cpe, "gpu": 1} if want_gpu else {"cpu": cpe}
     return n, res
 
@@ -170,12 +201,33 @@ class _GenerationLogger:
         return CB()
 
 
+def _user_error_stopper():
+    """Tune stopper: ends the whole search on the first result carrying RESULT_KEY (a user error
+    such as GPU out of memory, reported by the evaluator instead of raised so it is not retried)."""
+    from ray import tune
+
+    class Stopper(tune.Stopper):
+        error: str | None = None
+
+        def __call__(self, trial_id, result):
+            if result.get(RESULT_KEY):
+                self.error = self.error or str(result[RESULT_KEY])
+                return True
+            return False
+
+        def stop_all(self):
+            return self.error is not None
+
+    return Stopper()
+
+
 def run_tune(cfg: Config, spec, searcher, num_samples: int, callbacks: list, storage: Path, name: str):
     from ray import tune
 
     from .evaluator import make_trainable
 
     n_eval, res = resources(cfg)
+    stopper = _user_error_stopper()
     tuner = tune.Tuner(
         make_trainable(spec, res),
         tune_config=tune.TuneConfig(
@@ -194,12 +246,16 @@ def run_tune(cfg: Config, spec, searcher, num_samples: int, callbacks: list, sto
             storage_path=str(storage.resolve()),
             callbacks=callbacks,
             verbose=0,
+            stop=stopper,
             # a dead evaluator actor only costs a retry of its candidate, never a generation
             failure_config=tune.FailureConfig(max_failures=3),
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
         ),
     )
-    return tuner.fit()
+    results = tuner.fit()
+    if stopper.error:
+        raise RayPressError(stopper.error)
+    return results
 
 
 def _atomic_write(path: Path, obj) -> None:
@@ -221,6 +277,45 @@ class _StateSaver:
             on_trial_error = on_trial_complete
 
         return CB()
+
+
+STATE_FILE = "raypress_state.json"
+
+
+def read_state(run_dir) -> dict:
+    """The resume state of an output folder; missing or unreadable -> RayPressError."""
+    out_dir = Path(run_dir)
+    f = out_dir / STATE_FILE
+    if not out_dir.is_dir():
+        raise RayPressError(
+            f"resume folder '{out_dir}' does not exist; pass the output folder of the interrupted search "
+            "(printed at its start, under output: e.g. raypress_runs/<run name>-<time>)"
+        )
+    if not f.is_file():
+        raise RayPressError(f"nothing to resume in {out_dir}: no {STATE_FILE} (was the search started there?)")
+    try:
+        state = json.loads(f.read_text())
+        if not (isinstance(state["run_name"], str) and isinstance(state["config"], dict)):
+            raise TypeError("run_name/config")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RayPressError(
+            f"{f} is unreadable ({type(e).__name__}: {str(e)[:80]}); it is written atomically, so it was "
+            "edited or damaged afterwards: restore it or start a new search"
+        ) from None
+    return state
+
+
+def check_budget(cfg: Config, adapter) -> None:
+    """An unreachable target fails here: before a database is built or an MLflow run exists."""
+    if cfg.family not in ("sparsity", "quant"):
+        return
+    from .families import method_for
+    from .space import SearchSpace
+
+    layers = adapter.linear_layers()
+    space = SearchSpace.from_values(method_for(cfg).level_values(), cfg.target, layers=list(layers),
+                                    n_params=[int(m.weight.numel()) for m in layers.values()])
+    space.uniform()
 
 
 def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib) -> dict:
@@ -248,8 +343,9 @@ def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib) -> dic
     return run_schedule(name, space, seed=seed, **ctx)
 
 
-def run_search(cfg: Config, resume: str | Path | None = None) -> SearchResult:
-    """Run (or resume) one search and return its report. Every MLflow run ends FINISHED/FAILED."""
+def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | None = None) -> SearchResult:
+    """Run (or resume) one search and return its report. Every MLflow run ends FINISHED/FAILED.
+    callbacks: extra Ray Tune callbacks (monitoring, fault-injection tests)."""
     from .data import load_tokens, make_splits
     from .evaluator import Evaluator, EvaluatorSpec
     from .families import prepare
@@ -260,10 +356,8 @@ def run_search(cfg: Config, resume: str | Path | None = None) -> SearchResult:
     state = None
     if resume:
         out_dir = Path(resume)
-        state_file = out_dir / "raypress_state.json"
-        if not state_file.is_file():
-            raise RayPressError(f"nothing to resume in {out_dir}: no raypress_state.json (was the search started there?)")
-        state = json.loads(state_file.read_text())
+        state_file = out_dir / STATE_FILE
+        state = read_state(out_dir)
         run_name = state["run_name"]
     else:
         run_name = cfg.tracking.run_name or default_run_name(cfg)
@@ -273,14 +367,18 @@ def run_search(cfg: Config, resume: str | Path | None = None) -> SearchResult:
     # everything a user can get wrong is checked before an MLflow run exists
     model, tokenizer = load_model(cfg.model)
     adapter = get_adapter(model)
+    check_budget(cfg, adapter)
     tokens = load_tokens(cfg.data.source, tokenizer, cfg.data.max_tokens)
     splits = make_splits(tokens, cfg.data.seq_len, cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
     ray = ensure_ray(cfg.ray_address)
     n_eval, res = resources(cfg)
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_name, run_id=state and state.get("run_id"))
+    uri = (state or {}).get("tracking_uri") or cfg.tracking.uri  # resume: the store the search began in
+    tracker = Tracker(uri, cfg.tracking.experiment, run_name, run_id=state and state.get("run_id"))
     with tracked(tracker):
         out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("search %s: outputs in %s (continue an interrupted search with `raypress search --resume %s`)",
+                 run_name, out_dir, out_dir)
         if not resume:
             tracker.log_params(cfg.flat())
             tracker.set_tags({"raypress.output_dir": str(out_dir.resolve())})
@@ -315,11 +413,12 @@ def run_search(cfg: Config, resume: str | Path | None = None) -> SearchResult:
             searcher, n = (made if isinstance(made, tuple) else (made, -1))
             if state and state.get("searcher"):
                 searcher.set_state(state["searcher"])
-            base = {"run_name": run_name, "run_id": tracker.run_id, "config": cfg.to_dict()}
+            base = {"run_name": run_name, "run_id": tracker.run_id, "tracking_uri": tracker.uri,
+                    "config": cfg.to_dict()}
             _atomic_write(state_file, {**base, "searcher": state.get("searcher") if state else None})
-            callbacks = [_GenerationLogger(searcher, tracker, t_search), _StateSaver(searcher, state_file, base)]
+            cbs = [_GenerationLogger(searcher, tracker, t_search), _StateSaver(searcher, state_file, base)]
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"
-            run_tune(cfg, spec, searcher, n, callbacks, out_dir, name)
+            run_tune(cfg, spec, searcher, n, cbs + list(callbacks or []), out_dir, name)
             best, best_fitness = searcher.best_config, searcher.best_fitness
             history = list(getattr(searcher, "history", []))
             evaluations = history[-1]["evaluations"] if history else 0

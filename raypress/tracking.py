@@ -35,6 +35,58 @@ def _check_writable(uri: str) -> None:
             )
 
 
+DRIVER_TAG = "raypress.driver"  # host:pid:start-time of the process that drives the run
+
+
+def driver_id(pid: int | None = None) -> str:
+    """host:pid:start-time of a process (start time guards against a reused pid)."""
+    import socket
+
+    import psutil
+
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{int(psutil.Process(pid).create_time())}"
+
+
+def driver_alive(tag: str | None) -> bool | None:
+    """Whether the driver named by a DRIVER_TAG value still runs; None if unknown (other host)."""
+    import socket
+
+    import psutil
+
+    try:
+        host, pid, started = tag.rsplit(":", 2)
+        pid, started = int(pid), int(started)
+    except (AttributeError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        return int(psutil.Process(pid).create_time()) == started
+    except psutil.Error:
+        return False
+
+
+def reap_dead_runs(client, experiment_id: str) -> list[str]:
+    """Mark RUNNING runs whose driver process died (SIGKILL, OOM kill, power loss) as KILLED,
+    with a tag saying how to continue them. Returns their run ids."""
+    reaped = []
+    try:
+        runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500)
+    except Exception:  # noqa: BLE001 - best effort housekeeping
+        return reaped
+    for run in runs:
+        if driver_alive(run.data.tags.get(DRIVER_TAG)) is False:
+            where = run.data.tags.get("raypress.output_dir", "<output dir>")
+            client.set_tag(run.info.run_id, "raypress.error",
+                           f"driver process died; continue with `raypress search --resume {where}`")
+            client.set_terminated(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+    if reaped:
+        log.warning("marked %d MLflow run(s) whose driver died as KILLED: %s", len(reaped), ", ".join(reaped))
+    return reaped
+
+
 class Tracker:
     """Thin wrapper around an MLflow run that is always closed with a status."""
 
@@ -51,13 +103,12 @@ class Tracker:
             mlflow.set_tracking_uri(self.uri)
             self.client = MlflowClient(self.uri)
             if run_id:  # resume: reopen the same run
-                self.run = self.client.get_run(run_id)
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id, self.experiment_id, self.closed = run_id, self.run.info.experiment_id, False
+                self._reopen(run_id)
                 return
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-            tags = {"mlflow.runName": run_name}
+            reap_dead_runs(self.client, exp_id)
+            tags = {"mlflow.runName": run_name, DRIVER_TAG: driver_id()}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             self.run = self.client.create_run(exp_id, tags=tags, run_name=run_name)
@@ -71,6 +122,31 @@ class Tracker:
         self.run_id = self.run.info.run_id
         self.experiment_id = exp_id
         self.closed = False
+
+    def _reopen(self, run_id: str) -> None:
+        """Resume: the same run, RUNNING again under this driver (refused while its driver lives)."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - MlflowException(RESOURCE_DOES_NOT_EXIST) and friends
+            raise RayPressError(
+                f"the MLflow run {run_id} of this search is not in {self.uri}; resume with the tracking "
+                "store it was started with (MLFLOW_TRACKING_URI / tracking.uri)"
+            ) from None
+        tags = run.data.tags
+        if run.info.status == "RUNNING" and driver_alive(tags.get(DRIVER_TAG)):
+            raise RayPressError(
+                f"this search is still running (driver {tags.get(DRIVER_TAG)}); wait for it or stop it "
+                "before resuming"
+            )
+        previous = run.info.status if not (run.info.status == "RUNNING") else "RUNNING (driver died)"
+        self.client.update_run(run_id, status="RUNNING")
+        if "raypress.error" in tags:  # the previous attempt's failure no longer describes the run
+            self.client.delete_tag(run_id, "raypress.error")
+        self.client.set_tag(run_id, DRIVER_TAG, driver_id())
+        self.client.set_tag(run_id, "raypress.resumes", str(int(tags.get("raypress.resumes", "0")) + 1))
+        self.client.set_tag(run_id, "raypress.resumed_from", previous)
+        self.run = self.client.get_run(run_id)
+        self.run_id, self.experiment_id, self.closed = run_id, run.info.experiment_id, False
 
     # -- logging ---------------------------------------------------------------------------
     def log_params(self, params: dict) -> None:

@@ -1,11 +1,9 @@
 """Level database (raypress.database): build, cache, integrity, atomicity, object store."""
 import json
-import os
 import time
 
 import numpy as np
 import pytest
-import torch
 
 from raypress.compress import get_method
 from raypress.database import build_database, open_database

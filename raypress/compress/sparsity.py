@@ -31,7 +31,11 @@ for the per-block mask choice, so the levels are stacked along the row axis
 (``[n_levels * rows, cols]``), masks are chosen per level slice, and the damped inverse-Hessian
 Cholesky factor (which does not depend on the level) is computed once per Hessian — layers sharing
 an input (q/k/v, gate/up) share the Hessian object from calibrate.py, so they share it too.
-``build(W, H, s) == build_levels(W, H, [s])[0]``.
+``build(W, H, s) == build_levels(W, H, [s])[0]``. Inside a 128-column block the rank-1 OBS updates
+are themselves lazily batched in sub-blocks of 16 columns (same arithmetic, reordered into GEMMs),
+the per-block mask uses an O(n) selection (``np.argpartition``; ``topk`` on GPU) instead of a
+sort, and the column loop runs with one torch thread on CPU (``cpu_threads``): its ops are small
+and OpenMP threads mostly wait on each other. SmolLM2-135M (210 linears, 10 levels): ~1 s/block.
 
 Wanda (Sun et al. 2023): per output row, drop the ``round(in * s)`` weights with the smallest
 ``|W_ij| · ‖X_j‖₂`` (``needs_norms``; without norms it uses ``sqrt(diag(H))``, the same up to a

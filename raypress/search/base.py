@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from ray.tune.search import Searcher
 
-from ..errors import RayPressError
+from ..errors import RESULT_KEY, RayPressError
 
 log = logging.getLogger("raypress")
 
@@ -97,7 +97,7 @@ class RayPressSearcher(Searcher):
     def _fitness(self, result, error: bool) -> float | None:
         """Metric of a finished trial, or None when the trial failed (error / no result / no metric).
         NaN fitness counts as the worst possible (+inf in min mode)."""
-        if error or not result:
+        if error or not result or result.get(RESULT_KEY):  # RESULT_KEY: a user error, the search stops
             return None
         v = result.get(self._metric or "fitness")
         if v is None:
