@@ -87,7 +87,7 @@ def _batches(calib: np.ndarray, batch_size: int) -> list[torch.Tensor]:
 
 
 def _capture(adapter, batches: list[torch.Tensor], dev) -> list[tuple[torch.Tensor, dict]]:
-    """Hidden states entering block 0 and the kwargs block 0 got, per batch.
+    """Hidden states entering block 0 and the kwargs each block gets (a list per block), per batch.
 
     capture_block_inputs returns one kwargs dict for all batches it is given; masks / position
     tensors may carry the batch size, so batches of different sizes are captured separately."""
@@ -96,7 +96,7 @@ def _capture(adapter, batches: list[torch.Tensor], dev) -> list[tuple[torch.Tens
     for i, b in enumerate(batches):
         by_size.setdefault(b.shape[0], []).append(i)
     for idx in by_size.values():
-        hs, kwargs = adapter.capture_block_inputs([batches[i].to(dev) for i in idx])
+        hs, kwargs = adapter.capture_block_inputs([batches[i].to(dev) for i in idx], per_block=True)
         for i, h in zip(idx, hs):
             out[i] = (h, kwargs)
     return out
@@ -228,7 +228,7 @@ def iter_block_stats(model, adapter, calib: np.ndarray, want: Sequence[str] = ("
                 try:
                     with acc:
                         for b, (h, kw) in enumerate(zip(hs, kws)):
-                            out = block(h, **kw)
+                            out = block(h, **kw[i])  # per-block kwargs (gemma3: sliding vs full layers)
                             hs[b] = out[0] if isinstance(out, (tuple, list)) else out
                             acc.next_batch()
                 finally:

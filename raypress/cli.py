@@ -17,6 +17,11 @@ from .errors import RayPressError, user_error
 def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # transformers' per-load "Loading weights" bars (driver and every evaluator actor) drown the
+    # output; HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -78,6 +83,17 @@ def cmd_build_db(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import DEFAULT_SEARCHERS, compare
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    searchers = args.searchers.split(",") if args.searchers else DEFAULT_SEARCHERS
+    targets = [float(t) for t in args.targets.split(",")] if args.targets else None
+    compare(cfg, searchers, targets)
+    return 0
+
+
 def cmd_ui(args) -> int:
     import subprocess
 
@@ -99,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-db", help="build (or find cached) the level database only")
     _add_config_args(b)
     b.set_defaults(func=cmd_build_db)
+    c = sub.add_parser("compare", help="run several searchers/schedules on one database (child MLflow runs)")
+    _add_config_args(c)
+    c.add_argument("--searchers", help="comma list (default: evopress,tpe,random,uniform,owl,hessian,dp)")
+    c.add_argument("--targets", help="comma list of budgets, e.g. 0.5,0.6,0.7 (default: the config's target)")
+    c.set_defaults(func=cmd_compare)
     u = sub.add_parser("ui", help="start the MLflow UI on localhost")
     u.add_argument("--uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     u.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")

@@ -172,6 +172,15 @@ def validate(cfg: Config) -> Config:
         raise RayPressError("the last searcher stage must keep exactly 1 survivor (the next parent), e.g. [2048, 1]")
     if cfg.data.seq_len < 8:
         raise RayPressError("data.seq_len must be at least 8 tokens")
+    if cfg.data.n_calib < 1 or cfg.data.n_eval < 1:
+        raise RayPressError("data.n_calib and data.n_eval must be >= 1 (calibration / held-out sequences)")
+    for tokens, _ in cfg.searcher.stages:  # every stage samples ceil(tokens / seq_len) calibration rows
+        rows = -(-tokens // cfg.data.seq_len)
+        if rows > cfg.data.n_calib:
+            raise RayPressError(
+                f"a searcher stage of {tokens} tokens needs {rows} calibration sequences of {cfg.data.seq_len} but "
+                f"data.n_calib is {cfg.data.n_calib}; raise data.n_calib to {rows} or lower the stage token counts"
+            )
     if cfg.searcher.generations < 1 or cfg.searcher.offspring < 1:
         raise RayPressError("searcher.generations and searcher.offspring must be >= 1")
     ev = cfg.evaluator

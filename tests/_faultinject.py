@@ -1,0 +1,47 @@
+"""Fault injection for subprocess tests (imported by Ray workers via worker_process_setup_hook).
+
+    ray.init(runtime_env={"worker_process_setup_hook": "_faultinject.gpu_oom", ...})
+
+`gpu_oom` makes every evaluator forward pass raise torch.cuda.OutOfMemoryError, exactly what a
+too-large evaluator.batch_size does on a real GPU.
+"""
+
+
+def gpu_oom():
+    import torch
+
+    from raypress import evaluator
+
+    def forward(self, ids):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 79.11 GiB")
+        yield  # a generator, like the real _forward
+
+    evaluator.Evaluator._forward = forward
+
+
+def run_cli(argv, hook=None, num_cpus=2):
+    """Start a fresh local Ray (with `hook` in every worker and here), then `raypress` argv."""
+    import os
+    import sys
+    from pathlib import Path
+
+    import ray
+
+    tests = Path(__file__).resolve().parent
+    env = {"PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    rt = {"env_vars": env}
+    if hook:
+        rt["worker_process_setup_hook"] = f"_faultinject.{hook}"
+        globals()[hook]()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", runtime_env=rt)
+    from raypress.cli import main
+
+    sys.exit(main(argv))
+
+
+if __name__ == "__main__":
+    import sys
+
+    hook = sys.argv[1] if sys.argv[1] != "-" else None
+    run_cli(sys.argv[2:], hook)

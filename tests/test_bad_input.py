@@ -1,0 +1,328 @@
+"""The bad-input catalogue: every user mistake is one line `raypress: error: <what>; <fix>`, exit 2,
+and leaves no half-written level database and no RUNNING MLflow run behind.
+
+Most cases run the real CLI in-process (`raypress.cli.main`, the session's local Ray); the two that
+need a fresh Ray (unreachable ray_address, GPU out of memory inside an evaluator actor) run
+`python -m ...` in a subprocess. `CATALOGUE` collects every message; the last test writes it to
+docs/bad_inputs.md (the table in the issue's closing note).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _tiny import tiny_gpt2, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+CATALOGUE: dict[str, tuple[str, str, float]] = {}  # case -> (input, message, seconds)
+
+
+def _base(tmp: Path, wikitext_path, **extra) -> list[str]:
+    kv = {
+        "model": tiny_llama(), "data.source": f"text:{wikitext_path}", "data.seq_len": 64, "data.n_calib": 32,
+        "data.n_eval": 8, "searcher.generations": 1, "searcher.offspring": 2, "searcher.stages": "[[128, 1]]",
+        "target": 0.5, "database.cache_dir": tmp / "db", "output": tmp / "runs",
+        "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+    }
+    kv.update(extra)
+    out = []
+    for k, v in kv.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def _check_leftovers(tmp: Path, uri: str | None = None) -> None:
+    """No half-written database (temp build folders) and no RUNNING MLflow run."""
+    db = tmp / "db"
+    if db.exists():
+        for d in db.iterdir():
+            assert not d.name.startswith(".tmp-"), f"half-written database {d}"
+            if d.is_dir():
+                assert (d / "meta.json").is_file(), f"database folder without meta.json: {d}"
+    uri = uri or f"sqlite:///{tmp / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).is_file():
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(uri)
+        exps = [e.experiment_id for e in c.search_experiments()]
+        running = c.search_runs(exps, filter_string="attributes.status = 'RUNNING'") if exps else []
+        assert not running, f"RUNNING MLflow run left behind: {[r.info.run_id for r in running]}"
+
+
+def _one_line(err: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert lines[0].startswith("raypress: error: "), lines[0]
+    return lines[0]
+
+
+def _cli(capsys, argv) -> str:
+    from raypress.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    assert rc == 2, f"exit {rc}\nstdout: {cap.out[-2000:]}\nstderr: {cap.err[-2000:]}"
+    assert "Traceback" not in cap.err
+    return _one_line(cap.err)
+
+
+def _record(case: str, what: str, line: str, needle: str, t0: float) -> None:
+    assert needle in line, f"{needle!r} not in {line!r}"
+    CATALOGUE[case] = (what, line[len("raypress: error: "):], time.time() - t0)
+
+
+# ------------------------------------------------------------------ config / CLI (no model needed)
+CONFIG_CASES = [
+    # case, yaml text or None, --set overrides, what, needle
+    ("malformed YAML", "model: [unclosed\n", [], "YAML with a syntax error", "is not valid YAML at line"),
+    ("unknown key", "modle: smollm2-135m\n", [], "`modle:` (typo)", "unknown config key 'modle'"),
+    ("unknown nested key", "searcher:\n  generatons: 3\n", [], "`searcher.generatons` (typo)",
+     "unknown config key 'searcher.generatons'"),
+    ("YAML not a mapping", "- a\n- list\n", [], "a YAML list instead of a mapping", "must be a YAML mapping"),
+    ("wrong type", None, ["target=high"], "--set target=high", "config key 'target'"),
+    ("wrong type (section)", "data: 5\n", [], "`data: 5`", "must be a mapping"),
+    ("unknown family", None, ["family=pruning"], "--set family=pruning", "unknown family 'pruning'"),
+    ("unknown searcher", None, ["searcher.name=annealing"], "--set searcher.name=annealing",
+     "unknown searcher 'annealing'"),
+    ("bad override syntax", None, ["searcher.generations"], "--set searcher.generations (no =)",
+     "must look like key.sub=value"),
+    ("bad stages", None, ["searcher.stages=[[512, 4], [2048, 2]]"], "last stage keeps 2 survivors",
+     "exactly 1 survivor"),
+    ("stage larger than calibration set", None, ["searcher.stages=[[100000, 1]]"],
+     "a stage of 100000 tokens with 64 x 256-token calibration sequences", "raise data.n_calib to 391"),
+    ("bad evaluator dtype", None, ["evaluator.dtype=fp8"], "--set evaluator.dtype=fp8", "evaluator.dtype must be"),
+    ("bad evaluator count", None, ["evaluator.num_evaluators=many"], "--set evaluator.num_evaluators=many",
+     "evaluator.num_evaluators must be auto"),
+    ("negative target", None, ["target=-0.5"], "--set target=-0.5", "target must be a finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize("case, text, sets, what, needle", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_errors(tmp_path, capsys, case, text, sets, what, needle):
+    t0 = time.time()
+    argv = ["search"]
+    if text is not None:
+        (tmp_path / "space.yaml").write_text(text)
+        argv += ["--config", tmp_path / "space.yaml"]
+    for s in sets:
+        argv += ["--set", s]
+    line = _cli(capsys, argv)
+    _record(case, what, line, needle, t0)
+    _check_leftovers(tmp_path)
+
+
+def test_missing_config_file(tmp_path, capsys):
+    t0 = time.time()
+    line = _cli(capsys, ["search", "--config", tmp_path / "nope.yaml"])
+    _record("missing config file", "--config nope.yaml", line, "not found; see search_spaces/", t0)
+
+
+# ------------------------------------------------------------------ model / data / budget
+def _bad_corpus(tmp: Path, text: str) -> str:
+    f = tmp / "corpus.txt"
+    f.write_text(text)
+    return f"text:{f}"
+
+
+RUN_CASES = [
+    # case, overrides (callable of tmp -> dict), env, what, needle
+    ("unknown model", lambda t: {"model": t / "no-such-model"}, {}, "model=<missing folder>",
+     "does not exist; check the path"),
+    ("hub needed while offline (model)", lambda t: {"model": "raypress-tests/not-cached-llm"},
+     {"HF_HUB_OFFLINE": "1"}, "a Hugging Face id that is not cached, HF_HUB_OFFLINE=1",
+     "is not cached locally and the Hugging Face hub is unreachable"),
+    ("unsupported architecture", lambda t: {"model": tiny_gpt2()}, {}, "a GPT-2 model folder",
+     "unsupported architecture 'gpt2'"),
+    ("unknown method", lambda t: {"method": "obs"}, {}, "--set method=obs", "unknown method 'obs'"),
+    ("bad level ladder", lambda t: {"levels": "[0.5, 0.2]"}, {}, "levels=[0.5, 0.2]", "strictly ascending"),
+    ("infeasible budget", lambda t: {"target": 0.95}, {}, "target=0.95, levels up to 0.9",
+     "is outside what levels"),
+    ("ladder cannot reach the budget", lambda t: {"target": 0.55, "levels": "[0.0, 0.4, 0.8]"}, {},
+     "target=0.55 with levels [0, 0.4, 0.8]", "is not reachable with levels"),
+    ("empty corpus", lambda t: {"data.source": _bad_corpus(t, "")}, {}, "an empty text file",
+     "produced only 0 tokens"),
+    ("too-short corpus", lambda t: {"data.source": _bad_corpus(t, "A few words only. " * 20)}, {},
+     "a 20-sentence text file", "lower data.n_calib / data.n_eval / data.seq_len"),
+    ("missing data file", lambda t: {"data.source": f"text:{t / 'nope.txt'}"}, {}, "text:<missing file>",
+     "does not exist"),
+    ("unknown data source", lambda t: {"data.source": "imagenet"}, {}, "data.source=imagenet",
+     "unknown data source 'imagenet'"),
+    ("hub needed while offline (data)", lambda t: {"data.source": "wikitext2"}, {"HF_DATASETS_OFFLINE": "1"},
+     "data.source=wikitext2 without `datasets`/hub", "wikitext2"),
+    ("GPU requested but absent", lambda t: {"evaluator.device": "cuda"}, {}, "evaluator.device=cuda on a CPU cluster",
+     "use evaluator.device=cpu"),
+    ("more CPUs than the cluster", lambda t: {"evaluator.cpus_per_evaluator": 64}, {},
+     "evaluator.cpus_per_evaluator=64 on a 2-CPU Ray", "but the Ray cluster has"),
+    ("MLflow store unwritable", lambda t: {"tracking.uri": "sqlite:////proc/self/raypress/mlflow.db"}, {},
+     "tracking.uri in a folder that does not exist", "is not writable"),
+    ("MLflow store read-only", lambda t: {"tracking.uri": "sqlite:////proc/self/mlflow.db"}, {},
+     "tracking.uri in a read-only folder (even for root)", "is not writable"),
+    ("MLflow server unreachable", lambda t: {"tracking.uri": "http://127.0.0.1:1"}, {},
+     "tracking.uri=http://127.0.0.1:1", "is unreachable"),
+]
+
+
+@pytest.mark.parametrize("case, over, env, what, needle", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_run_errors(tmp_path, capsys, monkeypatch, ray_session, wikitext_path, case, over, env, what, needle):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.time()
+    o = over(tmp_path)
+    line = _cli(capsys, ["search", *_base(tmp_path, wikitext_path, **o)])
+    _record(case, what, line, needle, t0)
+    _check_leftovers(tmp_path)
+    assert time.time() - t0 < 30, "a bad input must fail fast"
+
+
+# ------------------------------------------------------------------ level database
+@pytest.fixture(scope="module")
+def built_db(tmp_path_factory, ray_session, wikitext_path):
+    """A real level database built once with `raypress build-db`."""
+    from raypress.cli import main
+
+    tmp = tmp_path_factory.mktemp("db")
+    assert main(["build-db", *_base(tmp, wikitext_path)]) == 0
+    (db,) = [d for d in (tmp / "db").iterdir() if d.is_dir()]
+    return db
+
+
+def _damage_truncate(db: Path):
+    f = sorted(db.glob("*.safetensors"))[0]
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _damage_flip(db: Path):
+    f = sorted(db.glob("*.safetensors"))[-1]
+    b = bytearray(f.read_bytes())
+    b[-10] ^= 0xFF
+    f.write_bytes(bytes(b))
+
+
+def _damage_delete(db: Path):
+    sorted(db.glob("*.safetensors"))[0].unlink()
+
+
+def _damage_meta(db: Path):
+    (db / "meta.json").write_text("{not json")
+
+
+DB_CASES = [
+    ("database file truncated", _damage_truncate, "a block file cut in half", "bytes, expected"),
+    ("database file corrupt (hash mismatch)", _damage_flip, "one flipped byte in a block file", "sha256 mismatch"),
+    ("database file missing", _damage_delete, "a deleted block file", ".safetensors missing"),
+    ("database meta.json corrupt", _damage_meta, "meta.json overwritten with garbage", "unreadable meta.json"),
+]
+
+
+@pytest.mark.parametrize("case, damage, what, needle", DB_CASES, ids=[c[0] for c in DB_CASES])
+def test_damaged_database(tmp_path, capsys, wikitext_path, built_db, case, damage, what, needle):
+    t0 = time.time()
+    shutil.copytree(built_db, tmp_path / "db" / built_db.name)
+    damage(tmp_path / "db" / built_db.name)
+    line = _cli(capsys, ["search", *_base(tmp_path, wikitext_path)])
+    _record(case, what, line, needle, t0)
+    assert "rebuild it with `raypress build-db`" in line
+    _check_leftovers(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    (run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    assert run.info.status == "FAILED" and needle in run.data.tags["raypress.error"]
+
+
+# ------------------------------------------------------------------ resume
+def test_resume_errors(tmp_path, capsys):
+    t0 = time.time()
+    line = _cli(capsys, ["search", "--resume", tmp_path / "never-ran"])
+    _record("resume folder missing", "--resume <missing folder>", line, "does not exist; pass the output folder", t0)
+
+    t0 = time.time()
+    (tmp_path / "empty").mkdir()
+    line = _cli(capsys, ["search", "--resume", tmp_path / "empty"])
+    _record("resume folder without state", "--resume <folder without raypress_state.json>", line,
+            "nothing to resume", t0)
+
+    t0 = time.time()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "raypress_state.json").write_text('{"run_name": "x", "config": {"mod')
+    line = _cli(capsys, ["search", "--resume", tmp_path / "broken"])
+    _record("resume state corrupt", "--resume <folder with a truncated raypress_state.json>", line, "is unreadable", t0)
+
+    t0 = time.time()
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "raypress_state.json").write_text(json.dumps({"run_name": "x", "config": {}}))
+    line = _cli(capsys, ["search", "--resume", tmp_path / "ok", "--set", "target=0.3"])
+    _record("resume changes the search", "--resume ... --set target=0.3", line, "cannot change on --resume", t0)
+
+
+# ------------------------------------------------------------------ fresh-Ray cases (subprocess)
+def _subprocess(tmp: Path, hook: str | None, argv: list, timeout: float):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "RAY_ADDRESS": "local"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, str(ROOT / "tests" / "_faultinject.py"), hook or "-", *map(str, argv)]
+    p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout,
+                       start_new_session=True)
+    return p
+
+
+def test_ray_address_unreachable_fails_fast(tmp_path, wikitext_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "raypress.cli", "search",
+                        *_base(tmp_path, wikitext_path, ray_address="127.0.0.1:1")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+    dt = time.time() - t0
+    assert p.returncode == 2, p.stderr[-3000:]
+    errs = [l for l in p.stderr.splitlines() if l.startswith("raypress: error: ")]
+    assert len(errs) == 1 and p.stderr.strip().splitlines()[-1] == errs[0] and "Traceback" not in p.stderr
+    _record("Ray address unreachable", "ray_address=127.0.0.1:1", errs[0], "cannot reach the Ray cluster", t0)
+    assert dt < 60, f"took {dt:.0f}s"
+    _check_leftovers(tmp_path)
+
+
+def test_gpu_out_of_memory_in_an_evaluator_actor(tmp_path, wikitext_path):
+    """torch.cuda.OutOfMemoryError inside the evaluator actor (injected in every Ray worker) comes back
+    as one line naming evaluator.batch_size / kl_topk, is not retried, and fails the MLflow run."""
+    t0 = time.time()
+    p = _subprocess(tmp_path, "gpu_oom", ["search", *_base(tmp_path, wikitext_path, **{"evaluator.batch_size": 16})],
+                    timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    errs = [l for l in p.stderr.splitlines() if l.startswith("raypress: error: ")]
+    assert len(errs) == 1 and p.stderr.strip().splitlines()[-1] == errs[0] and "Traceback" not in p.stderr, p.stderr
+    _record("GPU out of memory", "torch.cuda.OutOfMemoryError in the evaluator (batch_size 16)", errs[0],
+            "lower evaluator.batch_size or set evaluator.kl_topk", t0)
+    _check_leftovers(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    (run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    assert run.info.status == "FAILED" and "out of memory" in run.data.tags["raypress.error"]
+    # reported once, not retried by Tune's FailureConfig; the candidate stays queued for a resume
+    # (`raypress search --resume <dir> --set evaluator.batch_size=4`)
+    state = json.loads(next((tmp_path / "runs").glob("*/raypress_state.json")).read_text())["searcher"]
+    assert state["failures"] == 1 and state["evaluations"] == 0 and state["pending"][0] == 0
+    assert time.time() - t0 < 120
+
+
+# ------------------------------------------------------------------ the catalogue itself
+def test_catalogue_has_at_least_20_cases():
+    """Prints the catalogue (pytest -s); RAYPRESS_WRITE_CATALOGUE=1 also writes docs/bad_inputs.md."""
+    if len(CATALOGUE) < 20:
+        pytest.skip(f"only {len(CATALOGUE)} cases ran in this session (run the whole file)")
+    lines = ["# Bad-input catalogue", "",
+             "Generated by `tests/test_bad_input.py` (each case: exit code 2, one stderr line, no half-written "
+             "database, no RUNNING MLflow run).", "",
+             "| # | case | input | message (after `raypress: error: `) | s |", "|---|---|---|---|---|"]
+    for i, (case, (what, msg, s)) in enumerate(CATALOGUE.items(), 1):
+        esc = lambda x: x.replace("|", "\\|")
+        lines.append(f"| {i} | {case} | {esc(what)} | {esc(msg)} | {s:.1f} |")
+    print("\n" + "\n".join(lines))
+    if os.environ.get("RAYPRESS_WRITE_CATALOGUE") == "1":
+        (ROOT / "docs" / "bad_inputs.md").write_text("\n".join(lines) + "\n")
