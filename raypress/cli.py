@@ -20,6 +20,7 @@ def _quiet() -> None:
     # transformers' per-load "Loading weights" bars (driver and every evaluator actor) drown the
     # output; HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow resets its loggers on import
     if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers.utils.logging" in sys.modules:
         sys.modules["transformers.utils.logging"].disable_progress_bar()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -94,6 +95,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .rundir import export_run
+
+    out = export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"exported to {out} (load with raypress.rundir.load_any or `raypress eval {out}`)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .rundir import eval_folder
+
+    ppl = eval_folder(args.path, args.data, args.seq_len, args.n_eval, args.n_calib, args.seed)
+    print(f"{args.path}: held-out perplexity {ppl:.3f} on {args.data}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     import subprocess
 
@@ -120,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--searchers", help="comma list (default: evopress,tpe,random,uniform,owl,hessian,dp)")
     c.add_argument("--targets", help="comma list of budgets, e.g. 0.5,0.6,0.7 (default: the config's target)")
     c.set_defaults(func=cmd_compare)
+    e = sub.add_parser("export", help="write a finished search's best config as a Hugging Face folder")
+    e.add_argument("run_dir", help="the search's output folder (raypress_runs/<name>-<time>)")
+    e.add_argument("--out", required=True, help="folder to create")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+    v = sub.add_parser("eval", help="held-out perplexity of a model folder (an export or any HF folder)")
+    v.add_argument("path")
+    v.add_argument("--data", default="text:../shared/data/wikitext-2/valid.txt")
+    v.add_argument("--seq-len", type=int, default=256)
+    v.add_argument("--n-eval", type=int, default=32)
+    v.add_argument("--n-calib", type=int, default=64)
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=cmd_eval)
     u = sub.add_parser("ui", help="start the MLflow UI on localhost")
     u.add_argument("--uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     u.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")

@@ -42,7 +42,8 @@ def dense_levels(db) -> dict[str, int]:
     return {l: vals.index(0.0) for l, vals in db.level_values.items() if 0.0 in vals}
 
 
-def prepare(cfg: Config, model, adapter, calib: np.ndarray, spec: str) -> Prepared:
+def prepare(cfg: Config, model, adapter, calib: np.ndarray, spec: str, serve: bool = True) -> Prepared:
+    """serve=False: no object-store copy and no applier (export / inspection of a finished run)."""
     from .space import SearchSpace
 
     if cfg.family in ("sparsity", "quant"):
@@ -61,7 +62,7 @@ def prepare(cfg: Config, model, adapter, calib: np.ndarray, spec: str) -> Prepar
         )
         space = SearchSpace.for_database(db, cfg.target)
         decode = getattr(method, "decode_stored", None)
-        applier = WeightSwapApplier(db.put(), dense_levels(db), decode=decode)
+        applier = WeightSwapApplier(db.put(), dense_levels(db), decode=decode) if serve else None
         return Prepared(space, applier, db=db, context={"db": db, "method": method},
                         describe={"db.key": db.key, "db.path": str(db.path)})
     if cfg.family == "depth":

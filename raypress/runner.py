@@ -58,11 +58,12 @@ def ensure_ray(address: str | None = None):
     # per-trial result files are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): MLflow is the record
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
-    if ray.is_initialized():
-        return ray
+    # read by Tune when a Tuner runs: set them also when the caller started Ray itself
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if ray.is_initialized():
+        return ray
     address = address or os.environ.get("RAY_ADDRESS")
     if address == "local":
         address = None

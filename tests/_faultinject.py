@@ -28,6 +28,9 @@ def run_cli(argv, hook=None, num_cpus=2):
 
     import ray
 
+    from raypress.cli import _quiet
+
+    _quiet()  # what `raypress` does before it starts Ray (its environment reaches the workers)
     tests = Path(__file__).resolve().parent
     env = {"PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     rt = {"env_vars": env}

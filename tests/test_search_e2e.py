@@ -62,3 +62,16 @@ def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, r
     arts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
     assert {"comparison.json", "comparison.txt", "fitness_curves_0.5.png"} <= arts
     assert "evopress" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["sparsity", "depth"])
+def test_export_of_a_finished_search_round_trips(tmp_path, ray_session, mlflow_uri, wikitext_path, family):
+    from raypress.rundir import eval_folder, export_run
+
+    extra = ["family=depth", "method=drop", "target=0.25", "searcher.generations=1"] if family == "depth" else [
+        "searcher.generations=1"]
+    cfg = _cfg(tmp_path, wikitext_path, *extra)
+    r = run_search(cfg)
+    out = export_run(r.experiment_dir, tmp_path / "export")
+    ppl = eval_folder(out, cfg.data.source, cfg.data.seq_len, cfg.data.n_eval, cfg.data.n_calib, cfg.data.seed)
+    assert ppl == pytest.approx(r.ppl_best, rel=1e-4)
