@@ -55,6 +55,14 @@ class EvaluatorConfig:
     batch_size: int = 8
     kl_topk: int | None = None
     cpus_per_evaluator: int | str = "auto"
+    # resident: whole model on one GPU | streamed: blocks stream through the GPU from pinned host
+    # memory (models bigger than one GPU) | device_map: one model over gpus_per_evaluator GPUs
+    mode: str = "resident"
+    gpus_per_evaluator: int = 1  # device_map: GPUs each evaluator spans (Ray num_gpus)
+    teacher_memory: str = "device"  # where cached teacher logits live: device | pinned (host)
+    # candidates scored per Ray Tune trial (amortizes Tune's per-trial cost); auto: a stage's
+    # candidates spread over the evaluators (EvoPress / random), 1 for Optuna samplers
+    candidates_per_trial: int | str = 1
 
 
 @dataclass
@@ -70,6 +78,10 @@ class DatabaseConfig:
     cache_dir: str | None = None
     group_size: int = 128  # quantization groups
     granularity: str = "sublayer"  # depth: sublayer | block
+    # build blocks as parallel Ray tasks (False: in the driver; an int: tasks in flight), each on a
+    # GPU when `device` is cuda (auto: cuda if the Ray cluster has GPUs)
+    parallel: bool | int = False
+    device: str = "cpu"  # cpu | cuda | auto: where SparseGPT/GPTQ runs while building
 
 
 @dataclass
@@ -192,6 +204,17 @@ def validate(cfg: Config) -> Config:
         raise RayPressError(f"evaluator.device must be auto, cpu, cuda or cuda:N, got {ev.device!r}")
     if ev.dtype not in DTYPES:
         raise RayPressError(f"evaluator.dtype must be one of {', '.join(DTYPES)}, got {ev.dtype!r}")
+    if ev.mode not in ("resident", "streamed", "device_map"):
+        raise RayPressError(f"evaluator.mode must be resident, streamed or device_map, got {ev.mode!r}")
+    if ev.teacher_memory not in ("device", "pinned"):
+        raise RayPressError(f"evaluator.teacher_memory must be device or pinned, got {ev.teacher_memory!r}")
+    if ev.gpus_per_evaluator < 1 or (ev.gpus_per_evaluator > 1 and ev.mode != "device_map"):
+        raise RayPressError("evaluator.gpus_per_evaluator must be >= 1, and > 1 only with evaluator.mode=device_map")
+    cpt = ev.candidates_per_trial
+    if cpt != "auto" and not (isinstance(cpt, int) and not isinstance(cpt, bool) and cpt >= 1):
+        raise RayPressError(f"evaluator.candidates_per_trial must be auto or an integer >= 1, got {cpt!r}")
+    if cfg.database.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", cfg.database.device):
+        raise RayPressError(f"database.device must be auto, cpu or cuda, got {cfg.database.device!r}")
     if ev.batch_size < 1 or (ev.kl_topk is not None and ev.kl_topk < 1):
         raise RayPressError("evaluator.batch_size and evaluator.kl_topk must be >= 1 (kl_topk: or null for the full KL)")
     if not math.isfinite(cfg.target) or cfg.target < 0:

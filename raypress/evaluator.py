@@ -3,6 +3,18 @@
 One `Evaluator` per GPU (or one per CPU host). It is used three ways: inside the Ray Tune
 trainable (`EvaluatorTrainable`, reused across trials), as a plain Ray actor
 (`ray.remote(Evaluator)`, raw pool for benchmarks), and in-process for final evaluations.
+
+Modes (`EvaluatorSpec.mode`, config `evaluator.mode`):
+  * ``resident``   the whole model on the evaluator's device (one GPU);
+  * ``streamed``   blocks stay in (pinned) host memory and go through the GPU one at a time: the
+                   whole calibration batch is forwarded through block i before block i+1 is
+                   copied in (the copy of the next block overlaps the current block's compute);
+                   embeddings, final norm and LM head stay on the GPU. Candidate weights are
+                   swapped on the host copies. For models bigger than one GPU.
+  * ``device_map`` one model spread over the evaluator's k GPUs (``from_pretrained(device_map=
+                   "auto", max_memory=...)``; the actor asks Ray for num_gpus=k).
+The teacher cache (dense logits, full or top-k) lives on the device, or in pinned host memory
+(``teacher_memory="pinned"``) to leave the GPU to the model.
 """
 from __future__ import annotations
 
@@ -18,8 +30,11 @@ from ray import tune
 from . import data as rp_data
 from .errors import RESULT_KEY, RayPressError
 from .fitness import Teacher, kl_from_teacher, make_teacher, nll_sum
+from .search.batched import BATCH_KEY  # a trial config carrying several candidates
 
 META_KEYS = ("_rp_tokens", "_rp_generation", "_rp_stage", "_rp_seed")
+MODES = ("resident", "streamed", "device_map")
+TEACHER_MEMORY = ("device", "pinned")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -88,6 +103,9 @@ class EvaluatorSpec:
     kl_topk: int | None = None
     teacher_cache: int = 4
     extra: dict = field(default_factory=dict)
+    mode: str = "resident"  # resident | streamed | device_map (see module docstring)
+    teacher_memory: str = "device"  # device | pinned (host)
+    max_memory: dict | None = None  # device_map: {gpu index: "70GiB"}; default: what each GPU has free
 
 
 def _get(x):
@@ -103,12 +121,25 @@ class Evaluator:
         from .models import get_adapter, load_model
 
         self.spec = spec
+        self.mode = spec.mode
+        if self.mode not in MODES:
+            raise RayPressError(f"unknown evaluator.mode '{self.mode}'; use {', '.join(MODES)}")
+        if spec.teacher_memory not in TEACHER_MEMORY:
+            raise RayPressError(f"unknown evaluator.teacher_memory '{spec.teacher_memory}'; use device or pinned")
         self.device = resolve_device(spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
-        if model is None:
-            model, _ = load_model(spec.model, dtype=self.dtype, device=self.device)
+        if self.mode == "device_map":
+            if model is None:
+                model = self._load_device_map(load_model)
+            self.device = str(model.get_input_embeddings().weight.device)
+        elif model is None:
+            model, _ = load_model(spec.model, dtype=self.dtype, device="cpu" if self.mode == "streamed" else self.device,
+                                  tokenizer=False)
         self.model = model.eval()
         self.adapter = get_adapter(self.model)
+        self._copy_stream = None
+        if self.mode == "streamed":
+            self._setup_streaming()
         self.applier = spec.applier
         self.applier.attach(self.model, self.adapter)
         self.calib = _get(spec.calib)
@@ -116,21 +147,146 @@ class Evaluator:
         self._teachers: OrderedDict = OrderedDict()
         self.stats = {"evaluations": 0, "tokens": 0, "changed_units": 0, "seconds": 0.0, "teacher_forwards": 0}
 
+    # -- loading / streaming set-up ----------------------------------------------------------
+    def _load_device_map(self, load_model):
+        if not self.device.startswith("cuda"):
+            raise RayPressError("evaluator.mode=device_map spreads the model over GPUs but none is visible; "
+                                "use mode=resident (or streamed) on CPU machines")
+        n = torch.cuda.device_count()
+        max_memory = self.spec.max_memory or {
+            i: f"{int(torch.cuda.mem_get_info(i)[0] * 0.85 / 2**20)}MiB" for i in range(n)}
+        max_memory = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise RayPressError("evaluator.mode=device_map needs accelerate: pip install accelerate") from None
+        model, _ = load_model(self.spec.model, dtype=self.dtype, device=None, tokenizer=False,
+                              device_map="auto", max_memory=max_memory)
+        placed = set(getattr(model, "hf_device_map", {}).values())
+        if placed & {"cpu", "disk"}:
+            raise RayPressError(f"the model does not fit the evaluator's {n} GPU(s) ({sorted(map(str, placed))}); "
+                                "raise evaluator.gpus_per_evaluator or use evaluator.mode=streamed")
+        return model
+
+    def _setup_streaming(self):
+        """Blocks in (pinned) host memory; everything else (embeddings, norm, head) on the device."""
+        from torch import nn
+
+        parent_name, attr = self.adapter.block_prefix.rsplit(".", 1)
+        parent = self.model.get_submodule(parent_name)
+        blocks = getattr(parent, attr)
+        blocks.to("cpu")
+        setattr(parent, attr, nn.ModuleList())  # move all but the blocks
+        try:
+            self.model.to(self.device)
+        finally:
+            setattr(parent, attr, blocks)
+        cuda = self.device.startswith("cuda")
+        # every tensor of a block, as (owner module, kind, name): swapped to a device copy while
+        # that block runs, then pointed back at the host tensor (nothing is copied back)
+        self._block_tensors = []
+        for block in blocks:
+            items = []
+            for mod in block.modules():
+                for name, prm in mod.named_parameters(recurse=False):
+                    if cuda:
+                        prm.data = prm.data.pin_memory()
+                    items.append((mod, "param", name))
+                for name, buf in mod.named_buffers(recurse=False):
+                    if buf is not None:
+                        if cuda:
+                            mod._buffers[name] = buf.pin_memory()
+                        items.append((mod, "buffer", name))
+            self._block_tensors.append(items)
+        if cuda:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+
+    @staticmethod
+    def _get(mod, kind, name):
+        return mod._parameters[name].data if kind == "param" else mod._buffers[name]
+
+    @staticmethod
+    def _set(mod, kind, name, t):
+        if kind == "param":
+            mod._parameters[name].data = t
+        else:
+            mod._buffers[name] = t
+
+    def _fetch(self, i: int):
+        """Start copying block i's current tensors (dense or swapped-in variants) to the device."""
+        if self._copy_stream is None:
+            return None
+        with torch.cuda.stream(self._copy_stream):
+            gpu = [self._get(*it).to(self.device, non_blocking=True) for it in self._block_tensors[i]]
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        return gpu, event
+
+    def _stream_hidden(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Last block's output for every micro-batch, the model streamed through the device block by
+        block (each block's weights cross the bus once per call, not once per micro-batch)."""
+        groups: dict[tuple, list[int]] = {}
+        for j, b in enumerate(batches):
+            groups.setdefault(tuple(b.shape), []).append(j)
+        hs: list = [None] * len(batches)
+        kws: list = [None] * len(batches)
+        for idx in groups.values():  # kwargs (masks, rotary embeddings) depend on the batch shape
+            h, per_block = self.adapter.capture_block_inputs([batches[j] for j in idx], per_block=True)
+            for j, hj in zip(idx, h):
+                hs[j], kws[j] = hj, per_block
+        blocks = self.adapter.blocks()
+        nxt = self._fetch(0)
+        for i, block in enumerate(blocks):
+            cur, nxt = nxt, (self._fetch(i + 1) if i + 1 < len(blocks) else None)
+            host = None
+            if cur is not None:
+                gpu, event = cur
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(event)
+                host = [self._get(*it) for it in self._block_tensors[i]]
+                for it, t in zip(self._block_tensors[i], gpu):
+                    t.record_stream(compute)
+                    self._set(*it, t)
+            try:
+                hs = [self.adapter.run_block(block, h, kw[i]) for h, kw in zip(hs, kws)]
+            finally:
+                if host is not None:
+                    for it, t in zip(self._block_tensors[i], host):
+                        self._set(*it, t)
+        return hs
+
     # -- internals -------------------------------------------------------------------------
     def _forward(self, ids: np.ndarray):
         """Yield (batch_ids, logits) in micro-batches."""
         bs = self.spec.batch_size
         t = torch.from_numpy(np.array(ids, dtype=np.int64))  # own copy: ids may be object-store memory
+        if self.mode == "streamed":
+            batches = [t[i : i + bs].to(self.device) for i in range(0, t.shape[0], bs)]
+            hs = self._stream_hidden(batches)
+            for j, batch in enumerate(batches):
+                h, hs[j] = hs[j], None
+                yield batch, self.adapter.final_logits(h)
+            return
         for i in range(0, t.shape[0], bs):
             batch = t[i : i + bs].to(self.device)
             yield batch, self.model(batch, use_cache=False).logits
+
+    def _keep(self, teacher: Teacher) -> Teacher:
+        """Teacher tensors where spec.teacher_memory says: on the device, or in pinned host memory."""
+        if self.spec.teacher_memory != "pinned" or not self.device.startswith("cuda"):
+            return teacher
+        for k in ("logp", "topk_logp", "topk_idx", "rest_mass"):
+            v = getattr(teacher, k)
+            if v is not None:
+                setattr(teacher, k, v.cpu().pin_memory())
+        return teacher
 
     def _teacher(self, key, ids: np.ndarray) -> list[Teacher]:
         if key in self._teachers:
             self._teachers.move_to_end(key)
             return self._teachers[key]
         self.applier.reset()
-        teachers = [make_teacher(logits, self.spec.kl_topk) for _, logits in self._forward(ids)]
+        teachers = [self._keep(make_teacher(logits, self.spec.kl_topk)) for _, logits in self._forward(ids)]
         self.stats["teacher_forwards"] += 1
         self._teachers[key] = teachers
         while len(self._teachers) > self.spec.teacher_cache:
@@ -159,7 +315,14 @@ class Evaluator:
         return {"fitness": total / count, "tokens": int(ids.size), "changed": changed, "seconds": dt}
 
     def score_config(self, config: dict) -> dict:
-        """Score a Tune trial config (layers + _rp_* meta keys)."""
+        """Score a Tune trial config (layers + _rp_* meta keys); a batch config (BATCH_KEY: several
+        candidates, search/batched.py) is scored candidate by candidate into one result."""
+        if BATCH_KEY in config:
+            results = [self.score_config(c) for c in config[BATCH_KEY]]
+            return {"fitness": min(r["fitness"] for r in results), "tokens": sum(r["tokens"] for r in results),
+                    "changed": sum(r["changed"] for r in results), "seconds": sum(r["seconds"] for r in results),
+                    "candidates": len(results),
+                    BATCH_KEY: [{"fitness": r["fitness"], "tokens": r["tokens"]} for r in results]}
         levels, meta = split_config(config)
         return self.score(
             levels,
@@ -199,6 +362,16 @@ class Evaluator:
 
     def ping(self) -> str:
         return self.device
+
+    def memory(self) -> dict:
+        """Bytes held: model parameters by device, teacher cache, peak CUDA allocation."""
+        by_dev: dict[str, int] = {}
+        for prm in self.model.parameters():
+            d = str(prm.device)
+            by_dev[d] = by_dev.get(d, 0) + prm.numel() * prm.element_size()
+        teach = sum(t.nbytes for ts in self._teachers.values() for t in ts)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.startswith("cuda") else 0
+        return {"params": by_dev, "teacher": teach, "cuda_peak": int(peak)}
 
 
 class EvaluatorTrainable(tune.Trainable):

@@ -172,7 +172,10 @@ def resources(cfg: Config) -> tuple[int, dict]:
             f"evaluator.cpus_per_evaluator={cpe} but the Ray cluster has {cpus} CPUs; "
             "lower it (or use auto) or add nodes"
         )
-    res = {"cpu": cpe, "gpu": 1} if want_gpu else {"cpu": cpe}
+    k = cfg.evaluator.gpus_per_evaluator if cfg.evaluator.mode == "device_map" else 1
+    if want_gpu and k > max(gpus, 1):
+        raise RayPressError(f"evaluator.gpus_per_evaluator={k} but the Ray cluster has {gpus} GPUs; lower it or add nodes")
+    res = {"cpu": cpe, "gpu": k} if want_gpu else {"cpu": cpe}
     return n, res
 
 
@@ -222,6 +225,16 @@ def _user_error_stopper():
     return Stopper()
 
 
+def _batched(cfg: Config, searcher, num_samples: int, n_eval: int):
+    """Several candidates per Tune trial (evaluator.candidates_per_trial; search/batched.py)."""
+    from .search.batched import BatchedSearcher, candidates_per_trial
+
+    g = candidates_per_trial(cfg.evaluator.candidates_per_trial, cfg.searcher.name, cfg.searcher.offspring, n_eval)
+    if g <= 1:
+        return searcher, num_samples
+    return BatchedSearcher(searcher, g, limit=num_samples if num_samples > 0 else None), -1
+
+
 def run_tune(cfg: Config, spec, searcher, num_samples: int, callbacks: list, storage: Path, name: str):
     from ray import tune
 
@@ -229,6 +242,7 @@ def run_tune(cfg: Config, spec, searcher, num_samples: int, callbacks: list, sto
 
     n_eval, res = resources(cfg)
     stopper = _user_error_stopper()
+    searcher, num_samples = _batched(cfg, searcher, num_samples, n_eval)
     tuner = tune.Tuner(
         make_trainable(spec, res),
         tune_config=tune.TuneConfig(
@@ -323,8 +337,8 @@ def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib) -> dic
     """A schedule's config (no search): uniform, OWL, Hessian, DP, random or ShortGPT."""
     name = cfg.searcher.init if cfg.searcher.name == "evopress" else cfg.searcher.name
     space = prep.space
-    if name == "uniform":
-        return space.uniform()
+    if name == "uniform":  # a family may define its own most-uniform config (width: per-unit ladders)
+        return prep.context.get("initial") or space.uniform()
     if name == "shortgpt":
         if cfg.family != "depth":
             raise RayPressError("the shortgpt schedule scores depth units; use it with family: depth")
@@ -401,8 +415,10 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             dtype=cfg.evaluator.dtype,
             batch_size=cfg.evaluator.batch_size,
             kl_topk=cfg.evaluator.kl_topk,
+            mode=cfg.evaluator.mode,
+            teacher_memory=cfg.evaluator.teacher_memory,
         )
-        uniform = space.uniform()
+        uniform = prep.context.get("initial") or space.uniform()
         t_search = time.time()
         history: list = []
         evaluations = 0
@@ -410,7 +426,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         if cfg.searcher.name in ONE_SHOT:
             best = _one_shot_config(cfg, prep, cfg.searcher.seed, model, adapter, splits.calib)
         else:
-            initial = None
+            initial = prep.context.get("initial")
             if cfg.searcher.init != "uniform":
                 initial = _one_shot_config(cfg, prep, cfg.searcher.seed, model, adapter, splits.calib)
             made = make_searcher(cfg, space, initial, prep.context.get("searcher_hints"))
