@@ -15,6 +15,7 @@ from .errors import RayPressError, user_error
 
 
 def _quiet() -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runner.CPU_ENV
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # transformers' per-load "Loading weights" bars (driver and every evaluator actor) drown the
@@ -116,9 +117,25 @@ def cmd_ui(args) -> int:
 
     from .tracking import tracking_uri
 
+    import socket
+    from pathlib import Path
+
     uri = tracking_uri(args.uri)
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port}  (Ctrl-C to stop)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise RayPressError(f"no MLflow store at {uri}; run `raypress search` first, or pass --uri / set "
+                            "MLFLOW_TRACKING_URI to the store of your searches")
+    try:  # a clear line instead of the server's traceback
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as sk:
+            sk.bind((args.host, args.port))
+    except OSError as e:
+        raise RayPressError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port "
+                            "(or stop what uses it)") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"raypress: warning: the MLflow UI on {args.host} is reachable from the network and has no "
+              "authentication", file=sys.stderr)
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", str(args.workers)]
     return subprocess.call(cmd)
 
 
@@ -154,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     u.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
     u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--workers", type=int, default=1, help="server processes (default 1: a local viewer)")
     u.set_defaults(func=cmd_ui)
     return p
 

@@ -7,17 +7,27 @@ Layout of one database (a folder ``<cache_root>/<key>/``)::
     meta.json               key, model + fingerprint, method params, data hash, layers, n_params,
                             shapes, level_values, zero fractions, per-file sha256 + bytes, timings
 
+Packed storage (methods with ``packed = True``, i.e. GPTQ / RTN, unless ``pack=False``): a layer's
+levels are stored as ``"<layer>::codes"`` uint8 [n_levels, out, in], ``"<layer>::scales"`` and
+``"<layer>::zeros"`` float16 [n_levels, out, G] (G = ceil(in / group_size), the group size is in
+meta.json) — about half the bytes of float16 stacks — wherever that is smaller than the dense stack
+(else that layer falls back to a dense stack; meta["layer_storage"] says which). Dequantizing a
+packed level reproduces ``method.build`` exactly in float32 (see compress/quant.py).
+
 ``key`` = sha256 over (model fingerprint, calibration token shape + bytes, json(method.params()),
-storage dtype, model dtype, layer subset): any change to what the variants depend on is a new
-folder. A build writes into ``<cache_root>/.tmp-<key>-<pid>-<rand>/`` and ``os.rename``s it to
+storage dtype, model dtype, layer subset, storage format when packed): any change to what the
+variants depend on or how they are stored is a new folder. A build writes into ``<cache_root>/.tmp-<key>-<pid>-<rand>/`` and ``os.rename``s it to
 ``<key>/`` only after meta.json is written, so an interrupted build never leaves a
 complete-looking database (its temp folder is removed on the way out, or — after a hard kill —
 by the next build of the same key). A second build of the same key is a cache hit: the folder is
 opened (file hashes verified) and nothing is recomputed.
 
-Reading is zero-copy: each block file is memory-mapped read-only and ``variant`` / ``array``
-return read-only numpy views into it; ``put`` copies each layer's stacked array once into Ray's
-object store, where ``ray.get`` hands out read-only zero-copy numpy arrays.
+Reading is zero-copy: each block file is memory-mapped read-only and ``stored`` returns read-only
+numpy views into it (the dense stack, or the packed dict); ``variant`` / ``array`` are views for dense
+layers and freshly dequantized float32 arrays for packed ones. ``put`` copies each layer's stored
+object once into Ray's object store, where ``ray.get`` hands out read-only zero-copy numpy arrays
+(also inside the packed dict); ``WeightSwapApplier(decode=method.decode_stored)`` dequantizes a
+packed level on swap-in.
 
 Building streams the dense model one block at a time (``calibrate.iter_block_stats``): a block's
 Hessians (and/or input norms) are collected, its layers are compressed at every level
@@ -86,15 +96,47 @@ def calib_hash(calib: np.ndarray) -> str:
 
 
 def database_key(fingerprint: str, calib: np.ndarray, method_params: dict, storage_dtype: str,
-                 model_dtype: str = "", layers=None) -> str:
-    """The content hash naming a database folder."""
+                 model_dtype: str = "", layers=None, storage_format: str = "dense") -> str:
+    """The content hash naming a database folder. storage_format: "dense" (float stacks) or
+    "packed" (codes + scales + zeros where smaller); "dense" adds nothing, so dense keys are the
+    ones databases had before packed storage existed."""
     h = hashlib.sha256()
-    for part in (f"raypress-db-{FORMAT}", fingerprint, calib_hash(calib),
-                 json.dumps(method_params, sort_keys=True, default=str), storage_dtype_name(storage_dtype),
-                 str(model_dtype), json.dumps(list(layers) if layers is not None else None)):
+    parts = [f"raypress-db-{FORMAT}", fingerprint, calib_hash(calib),
+             json.dumps(method_params, sort_keys=True, default=str), storage_dtype_name(storage_dtype),
+             str(model_dtype), json.dumps(list(layers) if layers is not None else None)]
+    if storage_format != "dense":
+        parts.append(f"storage={storage_format}")
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+_PACKED_PARTS = ("codes", "scales", "zeros")
+
+
+def _part_key(layer: str, part: str) -> str:
+    return f"{layer}::{part}"
+
+
+def _n_groups(cols: int, group_size) -> int:
+    gs = int(group_size) if group_size not in (None, -1) and int(group_size) > 0 else cols
+    return -(-cols // gs)
+
+
+def packed_nbytes(n_levels: int, shape, group_size) -> int:
+    """Bytes of one layer's packed levels: uint8 codes + float16 scales and zeros per group."""
+    out, cols = (int(x) for x in shape)
+    return n_levels * (out * cols + 2 * 2 * out * _n_groups(cols, group_size))
+
+
+def _dequantize_level(stored: dict, level: int) -> np.ndarray:
+    """float32 [out, in] of one level of a packed dict (== the method's build output, bit for bit)."""
+    from .compress.quant import dequantize
+
+    gs = stored.get("group_size", -1)
+    return dequantize(stored["codes"][level], stored["scales"][level], stored["zeros"][level],
+                      None if gs in (None, -1) else int(gs)).numpy()
 
 
 def _sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
@@ -115,14 +157,19 @@ def _corrupt(path: Path, what: str) -> RayPressError:
 
 # ----------------------------------------------------------------------------- building
 def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtype: str, out_dir,
-                device="cpu", on_layer=None, threads: int | None = 1) -> dict:
+                device="cpu", on_layer=None, threads: int | None = 1, return_data: bool = False,
+                pack: bool | None = None) -> dict:
     """Compress one block's linears at every level and write ``block_<idx>.safetensors`` into out_dir.
 
     weights: {layer: weight [out, in]}; stats: {layer: {"hessian": H, "norms": n}} (what the
     method needs). Pure function of its arguments (a Ray task can call it). `threads`: torch CPU
     threads while compressing (its ops are small or memory-bound: one thread is fastest on a
     small/busy machine; None leaves torch's setting). Returns the file's entry for meta.json:
-    file, sha256, bytes, layers, shapes, zero_fraction, seconds."""
+    file, sha256, bytes, layers, shapes, zero_fraction, seconds. return_data=True writes nothing and
+    puts the file's bytes under "data" instead (Ray tasks on other nodes: the driver writes).
+    pack: store ``method.pack_levels`` output (codes/scales/zeros) for each layer where it is smaller
+    than the dense stack (None: when ``method.packed``); the entry then also has "storage"
+    {layer: "packed"|"dense"}, "group_size" and "unpacked_bytes" (the dense stacks' size)."""
     from safetensors.numpy import save as st_save
 
     t0 = time.perf_counter()
@@ -131,8 +178,14 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
     values = method.level_values()
     needs_norms = bool(getattr(method, "needs_norms", False))
     multi = getattr(method, "build_levels", None)
+    pack = bool(getattr(method, "packed", False)) if pack is None else bool(pack)
+    pack_fn = getattr(method, "pack_levels", None) if pack else None
+    if pack and pack_fn is None:
+        raise RayPressError(f"{method.name} has no packed storage (pack_levels); build with pack=False")
     dev = torch.device(device)
-    arrays, zero, shapes = {}, {}, {}
+    arrays, zero, shapes, storage = {}, {}, {}, {}
+    group_size, unpacked = None, 0
+    itemsize = np.dtype(_DTYPES[sdt][1]).itemsize
     with torch.no_grad(), _torch_threads(threads if dev.type == "cpu" else None):
         for name, W in weights.items():
             st = stats.get(name, {}) or {}
@@ -140,6 +193,27 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
             W = W.detach().to(dev)
             H = H.to(dev) if H is not None else None
             kw = {"norms": st["norms"].to(dev) if st.get("norms") is not None else None} if needs_norms else {}
+            dense_bytes = len(values) * W.numel() * itemsize
+            unpacked += dense_bytes
+            shapes[name] = list(W.shape)
+            if pack_fn is not None and packed_nbytes(len(values), W.shape,
+                                                     getattr(method, "group_size", None) or -1) < dense_bytes:
+                p = pack_fn(W, H, values)
+                for k in range(len(values)):
+                    if not (np.isfinite(p["scales"][k]).all() and np.isfinite(p["zeros"][k]).all()):
+                        raise RayPressError(f"{method.name}: non-finite scales in layer {name} at level "
+                                            f"{values[k]}; raise percdamp or use more calibration tokens")
+                n = W.numel()
+                zero[name] = [float((_dequantize_level(p, k) == 0).sum()) / n for k in range(len(values))]
+                for part in _PACKED_PARTS:
+                    arrays[_part_key(name, part)] = np.ascontiguousarray(p[part])
+                group_size = int(p["group_size"])
+                storage[name] = "packed"
+                del p
+                if on_layer is not None:
+                    on_layer(name)
+                continue
+            storage[name] = "dense"
             if multi is not None:
                 variants = multi(W, H, values, **kw)
             else:
@@ -157,17 +231,24 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
             n = stored[0].numel()
             zero[name] = [int(c) / n for c in (stored == 0).flatten(1).sum(1).cpu()]
             arrays[name] = stored.cpu().numpy()
-            shapes[name] = list(W.shape)
             del stored
             if on_layer is not None:
                 on_layer(name)
-    data = st_save(arrays, metadata={"format": f"raypress-db-{FORMAT}", "block": str(block_idx)})
+    st_meta = {"format": f"raypress-db-{FORMAT}", "block": str(block_idx)}
+    if group_size is not None:
+        st_meta["group_size"] = str(group_size)
+    data = st_save(arrays, metadata=st_meta)
     fname = f"block_{block_idx:03d}.safetensors"
-    with open(Path(out_dir) / fname, "wb") as fh:
-        fh.write(data)
-    return {"index": int(block_idx), "file": fname, "sha256": hashlib.sha256(data).hexdigest(),
+    if not return_data:
+        with open(Path(out_dir) / fname, "wb") as fh:
+            fh.write(data)
+    info = {"index": int(block_idx), "file": fname, "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data), "layers": list(weights), "shapes": shapes, "zero_fraction": zero,
+            "storage": storage, "group_size": group_size, "unpacked_bytes": int(unpacked),
             "seconds": time.perf_counter() - t0}
+    if return_data:
+        info["data"] = data
+    return info
 
 
 def _pid_alive(pid: int) -> bool:
@@ -193,15 +274,21 @@ def _clean_stale_tmp(root: Path, key: str) -> None:
 def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cache_root=None,
                    storage_dtype="float16", device="cpu", batch_size: int = 8, layers=None,
                    progress: bool = True, verify=True, parallel=False, fingerprint: str | None = None,
-                   threads: int | None = None) -> LevelDatabase:
+                   threads: int | None = None, task_device: str | None = None,
+                   pack: bool | None = None) -> LevelDatabase:
     """Build (or find cached) the level database of `model` under `method` on `calib` tokens.
 
     cache_root: default ``models.cache_dir()/"db"``. layers: subset of linear names (default all).
     verify: on a cache hit, check file hashes (True), sizes only ("size") or nothing (False).
-    parallel: False (sequential), True or an int (max in-flight Ray tasks running build_block).
+    parallel: False (sequential), True or an int (max in-flight Ray tasks running build_block): the
+    driver streams the dense model block by block (calibration on `device`) while Ray tasks compress
+    finished blocks, each on a GPU of its own when task_device is "cuda" (default: cpu); tasks return
+    the block file's bytes and the driver writes them (no shared file system needed).
     fingerprint: override ``models.model_fingerprint(spec)`` (tests / in-memory models).
     threads: torch CPU threads for the calibration forward passes (None: torch's setting; 1 is
-    fastest on a busy 2-core machine). Compression always runs single-threaded (see build_block)."""
+    fastest on a busy 2-core machine). Compression always runs single-threaded (see build_block).
+    pack: packed storage (uint8 codes + float16 scales/zeros per layer, where smaller than the dense
+    stack); None (default) = when the method says ``packed = True`` (GPTQ, RTN). Part of the key."""
     from .calibrate import block_layers, iter_block_stats
 
     sdt = storage_dtype_name(storage_dtype)
@@ -213,7 +300,11 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
     params = method.params()
     mdtype = str(next(model.parameters()).dtype)
     layer_list = list(layers) if layers is not None else None
-    key = database_key(fingerprint, calib, params, sdt, mdtype, layer_list)
+    pack = bool(getattr(method, "packed", False)) if pack is None else bool(pack)
+    if pack and getattr(method, "pack_levels", None) is None:
+        raise RayPressError(f"{method.name} has no packed storage (pack_levels); build with pack=False")
+    key = database_key(fingerprint, calib, params, sdt, mdtype, layer_list,
+                       storage_format="packed" if pack else "dense")
     final = root / key
     if (final / META).is_file():
         t = time.perf_counter()
@@ -269,10 +360,11 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
                 bar.set_postfix_str(f"block {i}", refresh=False)
                 weights = {n: m.weight for n, m in mods_of[i].items()}
                 infos.append(build_block(i, weights, per_layer_stats(st, weights), method, sdt, tmp,
-                                         device=device, on_layer=lambda _n: bar.update(1)))
+                                         device=device, on_layer=lambda _n: bar.update(1), pack=pack))
         else:
             infos = _build_parallel(next_stats, mods_of, per_layer_stats, method, sdt, tmp, bar,
-                                    max_inflight=parallel if isinstance(parallel, int) and parallel > 1 else 2)
+                                    max_inflight=parallel if type(parallel) is int and parallel > 1 else 2,
+                                    task_device=task_device or "cpu", pack=pack)
         bar.close()
         infos.sort(key=lambda d: d["index"])
         total = time.perf_counter() - t_start
@@ -299,10 +391,12 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
     return LevelDatabase(final, meta)
 
 
-def _build_parallel(next_stats, mods_of, per_layer_stats, method, sdt, tmp, bar, max_inflight=2):
+def _build_parallel(next_stats, mods_of, per_layer_stats, method, sdt, tmp, bar, max_inflight=2,
+                    task_device="cpu", pack=False):
     import ray
 
-    remote = ray.remote(build_block).options(num_cpus=1)
+    gpu = str(task_device).startswith("cuda")
+    remote = ray.remote(build_block).options(num_cpus=1, num_gpus=1 if gpu else 0)
     pending, infos = [], []
 
     def collect(refs):
@@ -314,6 +408,9 @@ def _build_parallel(next_stats, mods_of, per_layer_stats, method, sdt, tmp, bar,
                 if isinstance(cause, RayPressError):
                     raise RayPressError(str(cause)) from None
                 raise
+            data = info.pop("data")
+            with open(Path(tmp) / info["file"], "wb") as fh:
+                fh.write(data)
             infos.append(info)
             bar.update(len(info["layers"]))
 
@@ -321,7 +418,8 @@ def _build_parallel(next_stats, mods_of, per_layer_stats, method, sdt, tmp, bar,
         while (item := next_stats()) is not None:
             i, st = item
             weights = {n: m.weight.detach().cpu() for n, m in mods_of[i].items()}
-            pending.append(remote.remote(i, weights, per_layer_stats(st, weights), method, sdt, str(tmp), "cpu"))
+            pending.append(remote.remote(i, weights, per_layer_stats(st, weights), method, sdt, None,
+                                         "cuda" if gpu else "cpu", None, 1, True, pack=pack))
             while len(pending) >= max_inflight:
                 done, pending = ray.wait(pending, num_returns=1)
                 collect(done)
@@ -338,6 +436,9 @@ def _make_meta(key, spec, fingerprint, method, params, sdt, mdtype, calib, infos
 
     values = [float(v) for v in method.level_values()]
     shapes = {n: s for info in infos for n, s in info["shapes"].items()}
+    layer_storage = {n: f for info in infos for n, f in info.get("storage", {}).items()}
+    packed = any(f == "packed" for f in layer_storage.values())
+    gs = next((i["group_size"] for i in infos if i.get("group_size") is not None), None)
     return {
         "format": FORMAT,
         "key": key,
@@ -348,6 +449,9 @@ def _make_meta(key, spec, fingerprint, method, params, sdt, mdtype, calib, infos
         "method_name": method.name,
         "value_kind": getattr(method, "value_kind", "sparsity"),
         "storage_dtype": sdt,
+        "storage": "packed" if packed else "dense",
+        "layer_storage": {n: layer_storage.get(n, "dense") for n in all_layers},
+        "group_size": gs,
         "data_hash": calib_hash(calib),
         "calib_shape": list(np.shape(calib)),
         "layers": list(all_layers),
@@ -359,6 +463,7 @@ def _make_meta(key, spec, fingerprint, method, params, sdt, mdtype, calib, infos
         "blocks": [{"index": i["index"], "file": i["file"], "layers": i["layers"]} for i in infos],
         "files": {i["file"]: {"sha256": i["sha256"], "bytes": i["bytes"]} for i in infos},
         "total_bytes": int(sum(i["bytes"] for i in infos)),
+        "unpacked_bytes": int(sum(i.get("unpacked_bytes", i["bytes"]) for i in infos)),
         "calib_seconds": round(t_calib, 3),
         "compress_seconds": round(sum(i["seconds"] for i in infos), 3),
         "build_seconds": round(total, 3),
@@ -397,7 +502,12 @@ def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 class LevelDatabase:
-    """All variants of all layers: ``variant(layer, level)`` -> read-only [out, in] numpy view."""
+    """All variants of all layers: ``variant(layer, level)`` -> read-only [out, in] numpy array.
+
+    Dense layers: views in the storage dtype. Packed layers (``layer_storage[layer] == "packed"``):
+    ``variant`` / ``array`` dequantize to float32 (exactly the method's build output); ``stored``
+    gives what is on disk either way (dense stack or packed dict) and ``put`` serves that.
+    """
 
     def __init__(self, path, meta: dict):
         self.path = Path(path)
@@ -408,8 +518,12 @@ class LevelDatabase:
         self.level_values: dict[str, list[float]] = {n: [float(x) for x in v] for n, v in meta["level_values"].items()}
         self.shapes: dict[str, tuple[int, int]] = {n: tuple(s) for n, s in meta["shapes"].items()}
         self.storage_dtype: str = meta["storage_dtype"]
+        self.storage: str = meta.get("storage", "dense")  # "packed" when any layer is packed
+        self.layer_storage: dict[str, str] = {n: meta.get("layer_storage", {}).get(n, "dense")
+                                              for n in self.layers}
+        self.group_size = meta.get("group_size")
         self._file_of = {n: b["file"] for b in meta["blocks"] for n in b["layers"]}
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays: dict = {}  # layer -> dense stack ndarray or packed dict (memory-mapped views)
 
     def __repr__(self):
         return (f"LevelDatabase({self.meta.get('method_name')}, {len(self.layers)} layers x "
@@ -434,10 +548,12 @@ class LevelDatabase:
             raise RayPressError(f"layer '{layer}' is not in the level database (it has {len(self.layers)} "
                                 f"layers such as {self.layers[0]}); rebuild it for this model") from None
 
-    def array(self, layer: str) -> np.ndarray:
-        """Stacked variants [n_levels, out, in] of one layer (read-only, memory-mapped)."""
-        arr = self._arrays.get(layer)
-        if arr is None:
+    def is_packed(self, layer: str) -> bool:
+        return self.layer_storage.get(layer) == "packed"
+
+    def _load(self, layer: str):
+        obj = self._arrays.get(layer)
+        if obj is None:
             self._levels(layer)
             fname = self._file_of[layer]
             try:
@@ -445,25 +561,67 @@ class LevelDatabase:
             except (OSError, ValueError, KeyError) as e:
                 raise _corrupt(self.path, f"{fname}: {e}") from None
             for n in [n for n, f in self._file_of.items() if f == fname]:
-                if n not in maps:
-                    raise _corrupt(self.path, f"{fname} lacks layer {n}")
-                self._arrays[n] = maps[n]
-            arr = self._arrays[layer]
+                if self.is_packed(n):
+                    keys = [_part_key(n, part) for part in _PACKED_PARTS]
+                    if any(k not in maps for k in keys):
+                        raise _corrupt(self.path, f"{fname} lacks packed layer {n}")
+                    self._arrays[n] = {part: maps[k] for part, k in zip(_PACKED_PARTS, keys)}
+                    self._arrays[n]["group_size"] = int(self.group_size if self.group_size is not None else -1)
+                else:
+                    if n not in maps:
+                        raise _corrupt(self.path, f"{fname} lacks layer {n}")
+                    self._arrays[n] = maps[n]
+            obj = self._arrays[layer]
+        return obj
+
+    def stored(self, layer: str):
+        """What is stored for `layer`, as read-only memory-mapped numpy arrays: the dense stack
+        [n_levels, out, in] (storage dtype), or for packed layers a dict {"codes": uint8 [L, out, in],
+        "scales": float16 [L, out, G], "zeros": float16 [L, out, G], "group_size": int (-1: per row)}
+        — the format ``method.decode_stored(stored, level)`` decodes."""
+        obj = self._load(layer)
+        return dict(obj) if isinstance(obj, dict) else obj
+
+    def array(self, layer: str) -> np.ndarray:
+        """Stacked variants [n_levels, out, in] of one layer (read-only). Dense layers: the
+        memory-mapped stack itself; packed layers: all levels dequantized into a new float32 array
+        (n_levels x the float32 size of the weight — prefer ``variant`` or ``stored``)."""
+        obj = self._load(layer)
+        if not isinstance(obj, dict):
+            return obj
+        arr = np.stack([_dequantize_level(obj, k) for k in range(self.n_levels(layer))])
+        arr.flags.writeable = False
         return arr
 
     def variant(self, layer: str, level: int) -> np.ndarray:
-        """Weight of `layer` at `level` [out, in] (read-only view, storage dtype)."""
+        """Weight of `layer` at `level` [out, in], read-only: a view in the storage dtype for dense
+        layers; for packed layers a dequantized float32 array (exactly ``method.build``'s output)."""
         n = self.n_levels(layer)
         if not isinstance(level, (int, np.integer)) or not 0 <= int(level) < n:
             raise RayPressError(f"level {level} out of range for {layer} (0..{n - 1})")
-        return self.array(layer)[int(level)]
+        obj = self._load(layer)
+        if not isinstance(obj, dict):
+            return obj[int(level)]
+        arr = _dequantize_level(obj, int(level))
+        arr.flags.writeable = False
+        return arr
 
     def put(self) -> dict:
-        """{layer: ObjectRef} of each layer's stacked [n_levels, out, in] array in Ray's object store
-        (``ray.get`` returns a read-only zero-copy numpy array)."""
+        """{layer: ObjectRef} of each layer's stored object in Ray's object store — the dense
+        stack [n_levels, out, in], or the packed dict (one object per layer; ``ray.get`` returns its
+        arrays read-only and zero-copy too). Serve with
+        ``WeightSwapApplier(refs, decode=method.decode_stored)``, which dequantizes on swap-in."""
         import ray
 
-        return {n: ray.put(np.asarray(self.array(n))) for n in self.layers}
+        refs = {}
+        for n in self.layers:
+            obj = self._load(n)
+            if isinstance(obj, dict):
+                obj = {k: (np.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in obj.items()}
+            else:
+                obj = np.asarray(obj)
+            refs[n] = ray.put(obj)
+        return refs
 
     def actual_sparsity(self, layer: str, level: int) -> float:
         """Fraction of exact zeros in the stored variant."""
@@ -486,6 +644,8 @@ class LevelDatabase:
             per_level.append({"level": k, "value": v, "zero_fraction": zf})
         return {"key": self.key, "path": str(self.path), "method": self.meta.get("method"),
                 "value_kind": self.meta.get("value_kind"), "storage_dtype": self.storage_dtype,
+                "storage": self.storage, "group_size": self.group_size,
+                "unpacked_bytes": int(self.meta.get("unpacked_bytes", self.total_bytes)),
                 "layers": len(self.layers), "params": total, "n_levels": len(values),
                 "total_bytes": self.total_bytes, "build_seconds": self.meta.get("build_seconds"),
                 "calib_seconds": self.meta.get("calib_seconds"), "levels": per_level}

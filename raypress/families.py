@@ -35,6 +35,29 @@ def method_for(cfg: Config):
         raise RayPressError(f"unknown method '{cfg.method}' for family {cfg.family}; see `raypress search --help`") from None
 
 
+def database_devices(cfg: Config) -> dict:
+    """build_database's device (driver-side calibration), parallel and task_device (Ray tasks) from
+    database.device / database.parallel; "auto" = cuda where a GPU is (driver / Ray cluster)."""
+    import torch
+
+    dev, par = cfg.database.device, cfg.database.parallel
+    if dev.startswith("cuda") and not par and not torch.cuda.is_available():
+        raise RayPressError("database.device=cuda but this machine has no CUDA GPU; use database.device=auto or "
+                            "cpu, or database.parallel=N to build on the Ray cluster's GPUs")
+    driver = "cuda" if dev in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda:") and torch.cuda.is_available():
+        driver = dev
+    if not par:
+        return {"device": driver}
+    task = "cpu"
+    if dev != "cpu":
+        import ray
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+            task = "cuda"
+    return {"device": driver, "parallel": par, "task_device": task}
+
+
 def dense_levels(db) -> dict[str, int]:
     """Levels whose variant equals the dense weight (sparsity 0.0): served from the model itself."""
     if db.meta.get("value_kind", "sparsity") != "sparsity":
@@ -59,6 +82,7 @@ def prepare(cfg: Config, model, adapter, calib: np.ndarray, spec: str, serve: bo
             calib,
             cache_root=cfg.database.cache_dir,
             storage_dtype=cfg.database.storage_dtype,
+            **database_devices(cfg),
         )
         space = SearchSpace.for_database(db, cfg.target)
         decode = getattr(method, "decode_stored", None)

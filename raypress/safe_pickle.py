@@ -28,7 +28,7 @@ _EXACT = {
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
-    ("numpy.random._pickle", "__generator_ctor"),
+    ("numpy.random._pickle", "__generator_ctor"), ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
 }
 # numpy classes (dtype classes, bit generators, RandomState/Generator) are safe to reconstruct
 _CLASS_PREFIXES = ("numpy.dtypes", "numpy.random")

@@ -25,6 +25,15 @@ def tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """A SQLite store keeps its artifacts next to it (<db dir>/mlartifacts/<experiment>), not in
+    ./mlruns of whatever directory the search ran from; other stores use their default."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment) or "experiment"
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / safe).as_uri()
+
+
 def _can_write(d: Path) -> bool:
     """A real probe (os.access says yes to root even on read-only mounts and /proc)."""
     try:
@@ -63,6 +72,7 @@ def _check_writable(uri: str) -> None:
             ) from None
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 DRIVER_TAG = "raypress.driver"  # host:pid:start-time of the process that drives the run
 
 
@@ -134,7 +144,10 @@ class Tracker:
                 self._reopen(run_id)
                 return
             exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=artifact_location(self.uri, experiment))
+            if not exp or EXPERIMENT_KIND[0] not in exp.tags:  # the UI opens on the runs table, not GenAI traces
+                self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
             reap_dead_runs(self.client, exp_id)
             tags = {"mlflow.runName": run_name, DRIVER_TAG: driver_id()}
             if parent_run_id:

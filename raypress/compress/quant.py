@@ -27,6 +27,7 @@ group) is for reports; it is not what the search budget counts.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -103,14 +104,21 @@ def _n_groups(columns: int, group_size: int | None) -> tuple[int, int]:
     return gs, math.ceil(columns / gs)
 
 
+def _tensor(x) -> torch.Tensor:
+    """torch view of an array; read-only numpy (object store, memory maps) is only ever read here."""
+    if isinstance(x, torch.Tensor):
+        return x
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.as_tensor(x)
+
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int | None) -> torch.Tensor:
     """Dense float32 [out, in] weight from uint8 codes [out, in] and fp16 scales/zeros [out, G].
 
     Column j uses group j // group_size (group_size None/<=0: one group per row)."""
-    codes = torch.as_tensor(codes)
-    scales = torch.as_tensor(scales)
-    zeros = torch.as_tensor(zeros)
+    codes, scales, zeros = (_tensor(x) for x in (codes, scales, zeros))
     cols = codes.shape[1]
     gs, ng = _n_groups(cols, group_size)
     if scales.shape[1] != ng or zeros.shape[1] != ng:
@@ -167,17 +175,33 @@ class _QuantBase(CompressionMethod):
         return dequantize(codes, scales, zeros, self.group_size)
 
     # --- packed storage of a whole level ladder (for the level database / object store) --------
+    def _quantize_levels(self, weight, hessian, bits_list):
+        """(codes, scales, zeros) for each bitwidth in turn; subclasses may share work across
+        bitwidths (GPTQ factorizes the Hessian once)."""
+        for b in bits_list:
+            yield self._quantize(weight, hessian, b)
+
     def pack_levels(self, weight: torch.Tensor, hessian: torch.Tensor | None, values=None) -> dict:
         """All levels of one layer, packed: {"codes": uint8 [L, out, in], "scales": float16 [L, out, G],
-        "zeros": float16 [L, out, G], "group_size": int} as numpy arrays (L = number of levels)."""
+        "zeros": float16 [L, out, G], "group_size": int} as numpy arrays (L = number of levels).
+
+        Level k equals ``quantize_packed(weight, hessian, values[k])`` (so its dequantization equals
+        ``build``) bit for bit; GPTQ shares one Hessian factorization across all levels."""
         import numpy as np
 
         values = self.level_values() if values is None else values
-        packs = [self.quantize_packed(weight, hessian, v) for v in values]
-        return {"codes": np.stack([p[0].cpu().numpy() for p in packs]),
-                "scales": np.stack([p[1].cpu().numpy() for p in packs]),
-                "zeros": np.stack([p[2].cpu().numpy() for p in packs]),
-                "group_size": self.group_size or -1}
+        bits = [_check_bits(v) for v in values]
+        rows, cols = weight.shape
+        _, ng = _n_groups(cols, self.group_size)
+        out = {"codes": np.empty((len(bits), rows, cols), dtype=np.uint8),
+               "scales": np.empty((len(bits), rows, ng), dtype=np.float16),
+               "zeros": np.empty((len(bits), rows, ng), dtype=np.float16),
+               "group_size": self.group_size or -1}
+        for k, (codes, scales, zeros) in enumerate(self._quantize_levels(weight, hessian, bits)):
+            out["codes"][k] = codes.to(torch.uint8).cpu().numpy()
+            out["scales"][k] = scales.half().cpu().numpy()
+            out["zeros"][k] = zeros.half().cpu().numpy()
+        return out
 
     def decode_stored(self, stored, level: int):
         """float32 numpy [out, in] of `level` from what the database stored for a layer: either a
@@ -271,6 +295,11 @@ class GPTQ(_QuantBase):
 
     def _quantize(self, weight, hessian, bits):
         return self._run(self._prepare(weight, hessian), bits)
+
+    def _quantize_levels(self, weight, hessian, bits_list):
+        prep = self._prepare(weight, hessian)
+        for b in bits_list:
+            yield self._run(prep, b)
 
     def build_levels(self, weight, hessian, values, **_) -> list[torch.Tensor]:
         """build() for every value, factorizing the Hessian once (used by the level database)."""

@@ -1,7 +1,9 @@
 """Swap per-layer weight variants in from Ray's object store (sparsity / quantization families).
 
-Each layer's variants live in the object store as one read-only numpy array
-[n_levels, out, in]; `ray.get` maps it without copying. A level is applied by pointing the
+Each layer's variants live in the object store as one object: a read-only numpy array
+[n_levels, out, in], or (packed quantization databases) a dict of read-only arrays
+{"codes", "scales", "zeros", "group_size"} that `decode` (e.g. ``method.decode_stored``)
+dequantizes on swap-in; `ray.get` maps either without copying. A level is applied by pointing the
 Linear's weight at a view of that array (or at a device/dtype copy of it when the model runs
 on a GPU or in another dtype), and the dense weight is restored by pointing back at the
 tensor the model was loaded with — nothing is ever written into a shared array.
@@ -29,7 +31,8 @@ def _as_tensor(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 class WeightSwapApplier(Applier):
     """Applies {layer: level} by swapping Linear weights to object-store variants.
 
-    refs: {layer: ObjectRef (or ndarray) of [n_levels, out, in]}; dense_levels: {layer: level index
+    refs: {layer: ObjectRef (or the object itself) of an ndarray [n_levels, out, in] or a packed
+    dict (see raypress.database.LevelDatabase.stored)}; dense_levels: {layer: level index
     whose variant *is* the dense weight (e.g. sparsity 0.0)} — those use the model's own tensor so
     the dense config is bit-exact.
     """
@@ -66,7 +69,7 @@ class WeightSwapApplier(Applier):
         arr = self._arrays.get(layer)
         if arr is None:
             ref = self.refs[layer]
-            if not isinstance(ref, np.ndarray):
+            if not isinstance(ref, (np.ndarray, dict)):
                 import ray
 
                 ref = ray.get(ref)
@@ -75,7 +78,14 @@ class WeightSwapApplier(Applier):
 
     def variant(self, layer: str, level: int) -> torch.Tensor:
         stored = self._stored(layer)
-        arr = self.decode(stored, level) if self.decode else stored[level]
+        if self.decode is not None:
+            arr = self.decode(stored, level)
+        elif isinstance(stored, dict):  # packed codes without a decoder: the generic dequantizer
+            from ..database import _dequantize_level
+
+            arr = _dequantize_level(stored, level)
+        else:
+            arr = stored[level]
         return _as_tensor(arr, self._dense[layer])
 
     def apply(self, levels: dict[str, int]) -> int:

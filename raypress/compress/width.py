@@ -1117,7 +1117,9 @@ def prepare_width(cfg, model, adapter, calib: np.ndarray):
                             "settings": lv.settings, "reform": reform, "storage": storage, "format": FORMAT})
         cache = Path(cfg.database.cache_dir) / "width" / f"{key}.pkl"
         if cache.is_file():
-            db = pickle.loads(cache.read_bytes())
+            from raypress.safe_pickle import safe_loads  # a shared cache dir: allow-listed types only
+
+            db = safe_loads(cache.read_bytes(), ("raypress.compress.width",), f"width database cache {cache}")
     if db is None:
         dev = str(next(model.parameters()).device)
         H = width_hessians(model, adapter, calib, device=dev)

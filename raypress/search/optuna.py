@@ -326,14 +326,16 @@ class RayPressOptunaSearch(OptunaSearch):
 
     def set_state(self, state: dict) -> None:
         import base64
-        import pickle
 
         from optuna.distributions import IntDistribution
         from optuna.trial import TrialState, create_trial
 
         if not state or state.get("kind") != "optuna":
             raise RayPressError("the saved searcher state is not an Optuna state; resume with the same searcher")
-        sampler = pickle.loads(base64.b64decode(state["sampler"]))
+        from ..safe_pickle import safe_loads  # the state file may come from elsewhere: allow-listed types only
+
+        sampler = safe_loads(base64.b64decode(state["sampler"]),
+                             ("optuna.samplers", "optuna.distributions", "optuna.search_space"), "the saved Optuna sampler")
         study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(),
                                     direction="minimize" if self.mode != "max" else "maximize")
         layers = self.fspace.decoder.layers

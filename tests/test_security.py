@@ -1,0 +1,128 @@
+"""Security defaults: services bound to localhost, no unpickling of untrusted data."""
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from raypress.errors import RayPressError
+
+PKG = Path(__file__).resolve().parents[1] / "raypress"
+PICKLERS = {"pickle", "cPickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"}
+
+
+def _calls():
+    """(file, line, dotted callee, {keyword: constant value}) of every call in raypress/ (AST: docstrings
+    and comments that merely mention a function do not count)."""
+    for f in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"), str(f))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            parts, fn = [], node.func
+            while isinstance(fn, ast.Attribute):
+                parts.append(fn.attr)
+                fn = fn.value
+            if isinstance(fn, ast.Name):
+                parts.append(fn.id)
+            kws = {k.arg: getattr(k.value, "value", "<expr>") for k in node.keywords if k.arg}
+            yield f.relative_to(PKG.parent), node.lineno, ".".join(reversed(parts)), kws
+
+
+def test_no_torch_load_without_weights_only():
+    bad = [f"{f}:{n}" for f, n, name, kw in _calls()
+           if name.endswith("torch.load") and kw.get("weights_only") is not True]
+    assert not bad, f"torch.load without weights_only=True: {bad}"
+
+
+def test_no_unrestricted_unpickling():
+    bad = []
+    for f, n, name, kw in _calls():
+        head, _, last = name.rpartition(".")
+        why = None
+        if head.split(".")[-1] in PICKLERS and last in ("load", "loads", "open"):
+            why = "pickle-style load (use safetensors / JSON, or raypress.safe_pickle.safe_loads)"
+        elif last == "Unpickler" and f.name != "safe_pickle.py":
+            why = "raw Unpickler"
+        elif name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load"):
+            why = "yaml.load (use yaml.safe_load)"
+        elif kw.get("allow_pickle") is True:
+            why = "allow_pickle=True"
+        elif kw.get("trust_remote_code") is True:
+            why = "trust_remote_code=True"
+        if why:
+            bad.append(f"{f}:{n}: {name}: {why}")
+    assert not bad, "\n".join(bad)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_safe_loads_refuses_code_execution(tmp_path):
+    import numpy as np
+
+    from raypress.safe_pickle import safe_loads
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(RayPressError, match="refusing to unpickle .*system"):
+        safe_loads(pickle.dumps({"ok": np.arange(3), "x": _Evil(marker)}), ("optuna.samplers",), "test data")
+    assert not marker.exists()
+    ok = safe_loads(pickle.dumps({"a": np.arange(3, dtype=np.float16), "g": np.random.default_rng(1)}, protocol=5))
+    assert ok["a"].tolist() == [0, 1, 2]
+
+
+def test_optuna_state_with_a_malicious_sampler_is_refused(tmp_path):
+    import base64
+
+    from raypress.search.optuna import make_optuna_searcher
+    from raypress.space import SearchSpace
+
+    space = SearchSpace.from_values([0.0, 0.5, 1.0], 0.5, layers=["a", "b", "c"], n_params=[1, 1, 1])
+    made = make_optuna_searcher(space, sampler="tpe", seed=0, n_tokens=64)
+    s = made[0] if isinstance(made, tuple) else made
+    state = s.get_state()
+    assert state["sampler"]  # a real state round-trips through the allow-list
+    s.set_state(state)
+    marker = tmp_path / "pwned"
+    state["sampler"] = base64.b64encode(pickle.dumps(_Evil(marker))).decode()
+    with pytest.raises(RayPressError, match="refusing to unpickle"):
+        s.set_state(state)
+    assert not marker.exists()
+
+
+def test_local_ray_has_no_dashboard_on_the_network(monkeypatch):
+    import ray
+
+    from raypress import runner
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    runner.ensure_ray(None)
+    (kw,) = calls
+    assert kw.get("include_dashboard") is False and kw.get("dashboard_host") == "127.0.0.1"
+
+
+def test_ui_binds_localhost_by_default(monkeypatch, tmp_path):
+    import subprocess
+
+    from raypress.cli import main
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    MlflowClient(uri).search_experiments()  # creates the store
+    seen = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: seen.append(cmd) or 0)
+    assert main(["ui", "--uri", uri, "--port", "0"]) == 0
+    cmd = seen[0]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"

@@ -1,0 +1,157 @@
+"""`raypress ui` in a real headless browser (Debian chromium): the experiment page and a run's
+fitness-curve artifact page render the search a tiny EvoPress run logged.
+
+RAYPRESS_SAVE_SCREENSHOTS=1 also copies the two screenshots to docs/img/ (used by the README).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _tiny import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The chromium binary; installed with apt-get (Debian package `chromium`) only if missing."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe:
+        return exe
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        pytest.skip("chromium is not installed and cannot be installed here (needs root + apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, check=True, capture_output=True,
+                       timeout=900)
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"chromium missing and `apt-get install chromium` failed ({type(e).__name__}); install it to run "
+                    "the browser test")
+    exe = shutil.which("chromium")
+    if not exe:
+        pytest.skip("apt-get installed no chromium binary")
+    return exe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - localhost test server
+        return r.read()
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, ray_session, wikitext_path):
+    """A tiny EvoPress search logged to a fresh store, and `raypress ui` serving it on a free port."""
+    from raypress.config import load_config
+    from raypress.runner import run_search
+
+    tmp = tmp_path_factory.mktemp("ui")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config(None, [
+        f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=32",
+        "data.n_eval=8", "searcher.generations=4", "searcher.offspring=4", "searcher.stages=[[128, 2], [256, 1]]",
+        "target=0.5", f"database.cache_dir={tmp / 'db'}", f"output={tmp / 'runs'}", f"tracking.uri={uri}",
+        "tracking.experiment=raypress-ui-test",
+    ])
+    r = run_search(cfg)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = open(tmp / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "raypress.cli", "ui", "--uri", uri, "--port", str(port)],
+                            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if b"<html" in _get(base + "/").lower():
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"`raypress ui` did not come up: {(tmp / 'ui.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"base": base, "port": port, "run": r, "proc": proc, "tmp": tmp}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _screenshot(chromium: str, url: str, out: Path, profile: Path) -> None:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--screenshot={out}",
+           "--window-size=1400,900", "--virtual-time-budget=10000", "--hide-scrollbars", url]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, start_new_session=True)
+    assert out.is_file(), f"no screenshot of {url}: rc {p.returncode}\n{p.stderr[-2000:]}"
+
+
+def _check_not_blank(png: Path) -> dict:
+    import matplotlib.image as mpimg
+
+    assert png.stat().st_size > 20_000, f"{png} is only {png.stat().st_size} bytes"
+    img = mpimg.imread(png)[..., :3]
+    q = (img * 31).round().astype(np.uint8).reshape(-1, 3)  # 5-bit colors: antialiasing noise folded
+    colors = len(np.unique(q, axis=0))
+    bg = np.bincount(np.ravel_multi_index(q.T, (32, 32, 32))).max() / len(q)
+    assert img.shape[:2] == (900, 1400)
+    assert colors > 40, f"{png}: only {colors} colors (blank page?)"
+    assert bg < 0.97, f"{png}: {bg:.1%} of the pixels have the background color"
+    return {"colors": colors, "background": bg, "bytes": png.stat().st_size}
+
+
+def test_ui_is_local_only_and_serves_the_run(ui):
+    import psutil
+
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == ui["port"]]
+    assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
+    r = ui["run"]
+    runs = _get(f"{ui['base']}/ajax-api/2.0/mlflow/runs/get?run_id={r.run_id}")
+    assert r.run_name.encode() in runs and b"FINISHED" in runs
+    png = _get(f"{ui['base']}/get-artifact?path=fitness_curve.png&run_uuid={r.run_id}")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_and_artifact_pages_in_headless_chromium(ui, chromium, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    r = ui["run"]
+    exp = MlflowClient(r.tracking_uri).get_run(r.run_id).info.experiment_id
+    pages = {
+        "mlflow_experiment.png": f"{ui['base']}/#/experiments/{exp}",
+        "mlflow_fitness_curve.png": f"{ui['base']}/#/experiments/{exp}/runs/{r.run_id}/artifactPath/fitness_curve.png",
+    }
+    stats = {}
+    for name, url in pages.items():
+        t = time.time()
+        _screenshot(chromium, url, tmp_path / name, tmp_path / f"profile-{name}")
+        stats[name] = {**_check_not_blank(tmp_path / name), "seconds": round(time.time() - t, 1)}
+    print(f"\nscreenshots: {stats}")
+    if os.environ.get("RAYPRESS_SAVE_SCREENSHOTS") == "1":
+        (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        for name in pages:
+            shutil.copy(tmp_path / name, ROOT / "docs" / "img" / name)
+    else:  # for a look: pytest -s prints where they are
+        print(f"screenshots in {tmp_path}")
