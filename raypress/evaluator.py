@@ -106,6 +106,7 @@ class EvaluatorSpec:
     mode: str = "resident"  # resident | streamed | device_map (see module docstring)
     teacher_memory: str = "device"  # device | pinned (host)
     max_memory: dict | None = None  # device_map: {gpu index: "70GiB"}; default: what each GPU has free
+    variant_cache: float = 0.5  # GPU: share of free memory for device copies of swapped-in variants
 
 
 def _get(x):
@@ -142,6 +143,9 @@ class Evaluator:
             self._setup_streaming()
         self.applier = spec.applier
         self.applier.attach(self.model, self.adapter)
+        if hasattr(self.applier, "cache_bytes") and self.device.startswith("cuda") and self.mode != "streamed":
+            # reuse device copies of variants: a swap is then a pointer change, not a host->device copy
+            self.applier.cache_bytes = int(torch.cuda.mem_get_info(self.device)[0] * spec.variant_cache)
         self.calib = _get(spec.calib)
         self.eval_tokens = _get(spec.eval)
         self._teachers: OrderedDict = OrderedDict()

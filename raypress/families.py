@@ -32,7 +32,10 @@ def method_for(cfg: Config):
     try:
         return get_method(cfg.method, **kw)
     except KeyError:
-        raise RayPressError(f"unknown method '{cfg.method}' for family {cfg.family}; see `raypress search --help`") from None
+        from .compress import METHODS
+
+        raise RayPressError(f"unknown method '{cfg.method}' for family {cfg.family}; use one of "
+                            f"{', '.join(sorted(METHODS))}") from None
 
 
 def database_devices(cfg: Config) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def _cli(capsys, argv) -> str:
 
 def _record(case: str, what: str, line: str, needle: str, t0: float) -> None:
     assert needle in line, f"{needle!r} not in {line!r}"
-    CATALOGUE[case] = (what, line[len("raypress: error: "):], time.time() - t0)
+    msg = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ']+", "<tmp>", line[len("raypress: error: "):])
+    CATALOGUE[case] = (what, re.sub(r"\b[0-9a-f]{64}\b", "<key>", msg), time.time() - t0)
 
 
 # ------------------------------------------------------------------ config / CLI (no model needed)
@@ -260,6 +262,29 @@ def test_resume_errors(tmp_path, capsys):
     (tmp_path / "ok" / "raypress_state.json").write_text(json.dumps({"run_name": "x", "config": {}}))
     line = _cli(capsys, ["search", "--resume", tmp_path / "ok", "--set", "target=0.3"])
     _record("resume changes the search", "--resume ... --set target=0.3", line, "cannot change on --resume", t0)
+
+
+# ------------------------------------------------------------------ raypress ui
+def test_ui_errors(tmp_path, capsys, monkeypatch):
+    import socket
+    import subprocess as sp
+
+    monkeypatch.setattr(sp, "call", lambda *a, **k: pytest.fail("the MLflow server must not start"))
+    t0 = time.time()
+    line = _cli(capsys, ["ui", "--uri", f"sqlite:///{tmp_path / 'none.db'}"])
+    _record("ui without a store", "raypress ui --uri sqlite:///<missing file>", line, "no MLflow store at", t0)
+    assert not (tmp_path / "none.db").exists()  # not silently created empty
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    MlflowClient(uri).search_experiments()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        t0 = time.time()
+        line = _cli(capsys, ["ui", "--uri", uri, "--port", busy.getsockname()[1]])
+    _record("ui port in use", "raypress ui --port <a port in use>", line, "pick another --port", t0)
 
 
 # ------------------------------------------------------------------ fresh-Ray cases (subprocess)

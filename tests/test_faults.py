@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from _tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATIONS = 4
+GENERATIONS = 3
 PER_GENERATION = 5 + 2  # (parent + 4 offspring) at stage 0, 2 survivors at stage 1
 
 
@@ -222,3 +222,30 @@ def test_killed_driver_resumes_to_the_same_best_config(fault_root, reference, wi
     print(f"\ndriver kill: SIGKILL after {gens_done} generation(s) / {evals_done} evaluations "
           f"({t1 - t0:.1f}s incl. the kill); resume {resume_s:.1f}s; best fitness {res['best_fitness']:.6g} "
           f"(reference {reference.best_fitness:.6g}), same best config")
+
+
+def test_stale_running_runs_are_reaped_and_live_ones_protected(tmp_path):
+    """A RUNNING run whose driver process is gone is marked KILLED (with how to resume); a resume of a
+    run whose driver still lives is refused."""
+    import socket
+
+    from raypress.errors import RayPressError
+    from raypress.tracking import DRIVER_TAG, Tracker, reap_dead_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    live = Tracker(uri, "exp", "live")  # this process: alive
+    dead = Tracker(uri, "exp", "dead")
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid whose process has exited
+    dead.client.set_tag(dead.run_id, DRIVER_TAG, f"{socket.gethostname()}:{p.pid}:0")
+    dead.client.set_tag(dead.run_id, "raypress.output_dir", "/runs/x")
+    assert reap_dead_runs(live.client, live.experiment_id) == [dead.run_id]
+    run = live.client.get_run(dead.run_id)
+    assert run.info.status == "KILLED" and "raypress search --resume /runs/x" in run.data.tags["raypress.error"]
+    assert live.client.get_run(live.run_id).info.status == "RUNNING"
+    with pytest.raises(RayPressError, match="still running"):
+        Tracker(uri, "exp", "live", run_id=live.run_id)
+    again = Tracker(uri, "exp", "dead", run_id=dead.run_id)  # resuming the dead one is fine
+    assert again.client.get_run(dead.run_id).data.tags["raypress.resumed_from"] == "KILLED"
+    again.finish()
+    live.finish()

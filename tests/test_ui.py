@@ -139,9 +139,11 @@ def test_experiment_and_artifact_pages_in_headless_chromium(ui, chromium, tmp_pa
 
     r = ui["run"]
     exp = MlflowClient(r.tracking_uri).get_run(r.run_id).info.experiment_id
+    ml = "?workflowType=machine_learning"  # MLflow 3 opens on its GenAI (traces) view otherwise
     pages = {
-        "mlflow_experiment.png": f"{ui['base']}/#/experiments/{exp}",
-        "mlflow_fitness_curve.png": f"{ui['base']}/#/experiments/{exp}/runs/{r.run_id}/artifactPath/fitness_curve.png",
+        "mlflow_experiment.png": f"{ui['base']}/#/experiments/{exp}/runs{ml}",
+        "mlflow_fitness_curve.png":
+            f"{ui['base']}/#/experiments/{exp}/runs/{r.run_id}/artifactPath/fitness_curve.png{ml}",
     }
     stats = {}
     for name, url in pages.items():
