@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("parts", nargs="*", default=list(PARTS))
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--targets", help="comma list overriding every part's targets")
     args = ap.parse_args()
     wikitext = ROOT.parent / "shared/data/wikitext-2/valid.txt"
     data = f"data.source=text:{wikitext}" if wikitext.is_file() else "data.source=brown"
@@ -45,6 +46,8 @@ def main() -> int:
         for extra, searchers, targets in runs:
             t0 = time.time()
             cfg = load_config(ROOT / "search_spaces" / yaml, [data, *(GPU if args.gpu else []), *extra, *args.set])
+            if args.targets:
+                targets = [float(t) for t in args.targets.split(",")]
             rows = compare(cfg, searchers, targets)
             for r in rows:
                 r["part"] = f"{part}{'/' + cfg.method}"

@@ -340,6 +340,9 @@ def check_budget(cfg: Config, adapter) -> None:
     space.uniform()
 
 
+_STATS_CACHE: dict = {}
+
+
 def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib) -> dict:
     """A schedule's config (no search): uniform, OWL, Hessian, DP, random or ShortGPT."""
     name = cfg.searcher.init if cfg.searcher.name == "evopress" else cfg.searcher.name
@@ -357,11 +360,18 @@ def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib) -> dic
 
     ctx = dict(prep.context)
     if name in ("owl", "hessian", "dp") and "hessians" not in ctx:
+        import hashlib
+
         from .calibrate import collect_stats
 
-        st = collect_stats(model, adapter, calib)
-        ctx.update(hessians=st["hessian"], norms=st["norms"])
-        prep.context.update(hessians=st["hessian"], norms=st["norms"])
+        # comparisons run several schedules on the same model and tokens: calibrate once
+        key = (cfg.model, hashlib.sha256(np.ascontiguousarray(calib).tobytes()).hexdigest())
+        if key not in _STATS_CACHE:
+            _STATS_CACHE.clear()
+            st = collect_stats(model, adapter, calib)
+            _STATS_CACHE[key] = {"hessians": st["hessian"], "norms": st["norms"]}
+        ctx.update(_STATS_CACHE[key])
+        prep.context.update(_STATS_CACHE[key])
     return run_schedule(name, space, seed=seed, **ctx)
 
 
