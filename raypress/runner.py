@@ -168,9 +168,10 @@ def resources(cfg: Config) -> tuple[int, dict]:
         raise RayPressError(
             "evaluator.device=cuda but the Ray cluster has no GPUs; use evaluator.device=cpu or add GPU nodes"
         )
+    k = cfg.evaluator.gpus_per_evaluator if cfg.evaluator.mode == "device_map" else 1
     n = cfg.evaluator.num_evaluators
-    if n == "auto":
-        n = max(1, gpus) if want_gpu else 1
+    if n == "auto":  # one evaluator per k GPUs (device_map spans k each)
+        n = max(1, gpus // k) if want_gpu else 1
     n = int(n)
     cpe = cfg.evaluator.cpus_per_evaluator
     cpe = max(1, (cpus // n) if not want_gpu else min(4, max(1, cpus // n))) if cpe == "auto" else int(cpe)
@@ -179,7 +180,6 @@ def resources(cfg: Config) -> tuple[int, dict]:
             f"evaluator.cpus_per_evaluator={cpe} but the Ray cluster has {cpus} CPUs; "
             "lower it (or use auto) or add nodes"
         )
-    k = cfg.evaluator.gpus_per_evaluator if cfg.evaluator.mode == "device_map" else 1
     if want_gpu and k > max(gpus, 1):
         raise RayPressError(f"evaluator.gpus_per_evaluator={k} but the Ray cluster has {gpus} GPUs; lower it or add nodes")
     res = {"cpu": cpe, "gpu": k} if want_gpu else {"cpu": cpe}
