@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     space = SearchSpace.for_database(db, args.target)
     del model
 
-    ctx = ray.init(include_dashboard=False, logging_level="ERROR",
+    ctx = ray.init(address="local", include_dashboard=False, logging_level="ERROR",
                    runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}})
     base_store = store_bytes(ray)

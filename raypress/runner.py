@@ -80,7 +80,9 @@ def ensure_ray(address: str | None = None):
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
             # embedded default: a local Ray, dashboard bound to localhost only
-            ray.init(include_dashboard=False, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+            # address="local": always a fresh Ray. A bare ray.init() would instead join the cluster named
+            # in /tmp/ray/ray_current_cluster, which a killed driver leaves behind (then hangs minutes)
+            ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
                      runtime_env={"env_vars": CPU_ENV})
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         raise RayPressError(

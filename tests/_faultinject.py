@@ -37,7 +37,7 @@ def run_cli(argv, hook=None, num_cpus=2):
     if hook:
         rt["worker_process_setup_hook"] = f"_faultinject.{hook}"
         globals()[hook]()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", runtime_env=rt)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", runtime_env=rt)
     from raypress.cli import main
 
     sys.exit(main(argv))
