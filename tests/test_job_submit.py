@@ -36,7 +36,10 @@ def head(tmp_path):
     gcs, dash, agent, client = _free_ports(4)
     # `python` in the job's entrypoint is the one on the head's PATH: this venv's
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    # the job must pick its own store ($RAYPRESS_HOME); mlflow.set_tracking_uri in earlier tests
+    # leaves MLFLOW_TRACKING_URI in this process's environment
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(k, None)
     log = open(tmp_path / "head.log", "w")
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
