@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 from raypress.cli import _quiet  # noqa: E402
 from raypress.compare import compare, format_table  # noqa: E402
 from raypress.config import load_config  # noqa: E402
+from raypress.data import offline_source  # noqa: E402
 
 PARTS = {
     # name: (yaml, [(extra overrides, searchers, targets)])
@@ -38,8 +39,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--targets", help="comma list overriding every part's targets")
     args = ap.parse_args()
-    wikitext = ROOT.parent / "shared/data/wikitext-2/valid.txt"
-    data = f"data.source=text:{wikitext}" if wikitext.is_file() else "data.source=brown"
+    data = f"data.source={offline_source(ROOT)}"
     all_rows = []
     for part in args.parts:
         yaml, runs = PARTS[part]

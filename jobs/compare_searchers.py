@@ -13,12 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raypress.cli import main  # noqa: E402
+from raypress.data import offline_source  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     if "--config" not in args and "-c" not in args:
         args = ["--config", str(ROOT / "search_spaces/smollm2_sparsity.yaml"), *args]
-        wikitext = ROOT.parent / "shared/data/wikitext-2/valid.txt"
         if not any(a.startswith("data.source=") for a in args):
-            args += ["--set", f"data.source={'text:' + str(wikitext) if wikitext.is_file() else 'brown'}"]
+            args += ["--set", f"data.source={offline_source(ROOT)}"]
     sys.exit(main(["compare", *args]))

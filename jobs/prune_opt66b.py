@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raypress.cli import main as cli_main  # noqa: E402
+from raypress.data import offline_source  # noqa: E402
 
 SEARCHERS = "evopress,tpe,hessian"
 
@@ -43,8 +44,7 @@ def main(argv=None) -> int:
     sets = (LOCAL if args.local else []) + args.set
     keys = {s.split("=", 1)[0].strip() for s in sets}
     if args.local and "data.source" not in keys:
-        wikitext = ROOT.parent / "shared/data/wikitext-2/valid.txt"
-        sets.append(f"data.source={'text:' + str(wikitext) if wikitext.is_file() else 'brown'}")
+        sets.append(f"data.source={offline_source(ROOT)}")
     home = Path(os.environ.get("RAYPRESS_HOME", Path.home() / "raypress")).expanduser().resolve()
     if "output" not in keys:
         sets.append(f"output={home / 'runs'}")

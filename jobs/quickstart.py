@@ -11,10 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raypress.cli import main  # noqa: E402
+from raypress.data import offline_source  # noqa: E402
 
 if __name__ == "__main__":
-    wikitext = ROOT.parent / "shared/data/wikitext-2/valid.txt"
-    # offline corpus: WikiText-2 beside the checkout when present, else the Brown corpus (npm)
-    data = f"text:{wikitext}" if wikitext.is_file() else "brown"
     sys.exit(main(["search", "--config", str(ROOT / "search_spaces/smollm2_sparsity.yaml"),
-                   "--set", f"data.source={data}", *sys.argv[1:]]))
+                   "--set", f"data.source={offline_source(ROOT)}", *sys.argv[1:]]))

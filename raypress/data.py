@@ -47,6 +47,15 @@ SOURCES_HELP = "text:PATH (file or glob), brown, wikitext2, c4 or fineweb-edu"
 _CHUNK_CHARS = 1 << 20  # text is tokenized in ~1 MB pieces (split at line ends) so max_tokens stops early
 
 
+def offline_source(checkout) -> str:
+    """The corpus for jobs run from a checkout: WikiText-2 in the shared/ folder beside it, else the
+    Brown corpus (npm)."""
+    from pathlib import Path
+
+    wikitext = Path(checkout).parent / "shared/data/wikitext-2/valid.txt"
+    return f"text:{wikitext}" if wikitext.is_file() else "brown"
+
+
 # ----------------------------------------------------------------------------- tokenizing
 def _chunks(text: str, size: int = _CHUNK_CHARS) -> Iterator[str]:
     i = 0
