@@ -177,6 +177,9 @@ def validate(cfg: Config) -> Config:
         raise RayPressError(f"unknown family '{cfg.family}'; choose one of {', '.join(FAMILIES)}")
     if cfg.searcher.name not in SEARCHERS:
         raise RayPressError(f"unknown searcher '{cfg.searcher.name}'; choose one of {', '.join(SEARCHERS)}")
+    warm = ("uniform", "owl", "hessian", "dp", "shortgpt")  # the one-shot schedules
+    if cfg.searcher.init not in warm:
+        raise RayPressError(f"unknown searcher.init '{cfg.searcher.init}'; warm-start from one of {', '.join(warm)}")
     for i, st in enumerate(cfg.searcher.stages):
         if not (isinstance(st, (list, tuple)) and len(st) == 2 and all(isinstance(x, int) and x > 0 for x in st)):
             raise RayPressError(f"searcher.stages[{i}] must be [tokens, survivors] with positive integers, got {st!r}")

@@ -345,9 +345,9 @@ def check_budget(cfg: Config, adapter) -> None:
 _STATS_CACHE: dict = {}
 
 
-def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib) -> dict:
+def _one_shot_config(cfg: Config, prep, seed: int, model, adapter, calib, name: str | None = None) -> dict:
     """A schedule's config (no search): uniform, OWL, Hessian, DP, random or ShortGPT."""
-    name = cfg.searcher.init if cfg.searcher.name == "evopress" else cfg.searcher.name
+    name = name or cfg.searcher.name
     space = prep.space
     if name == "uniform":  # a family may define its own most-uniform config (width: per-unit ladders)
         return prep.context.get("initial") or space.uniform()
@@ -447,7 +447,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         else:
             initial = prep.context.get("initial")
             if cfg.searcher.init != "uniform":
-                initial = _one_shot_config(cfg, prep, cfg.searcher.seed, model, adapter, splits.calib)
+                initial = _one_shot_config(cfg, prep, cfg.searcher.seed, model, adapter, splits.calib,
+                                           name=cfg.searcher.init)  # a warm start, for any searcher
             made = make_searcher(cfg, space, initial, prep.context.get("searcher_hints"))
             searcher, n = (made if isinstance(made, tuple) else (made, -1))
             if state and state.get("searcher"):

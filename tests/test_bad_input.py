@@ -94,6 +94,8 @@ CONFIG_CASES = [
     ("unknown family", None, ["family=pruning"], "--set family=pruning", "unknown family 'pruning'"),
     ("unknown searcher", None, ["searcher.name=annealing"], "--set searcher.name=annealing",
      "unknown searcher 'annealing'"),
+    ("unknown warm start", None, ["searcher.init=best"], "--set searcher.init=best",
+     "unknown searcher.init 'best'"),
     ("bad override syntax", None, ["searcher.generations"], "--set searcher.generations (no =)",
      "must look like key.sub=value"),
     ("bad stages", None, ["searcher.stages=[[512, 4], [2048, 2]]"], "last stage keeps 2 survivors",
