@@ -19,7 +19,8 @@ from .errors import RayPressError
 
 FAMILIES = ("sparsity", "quant", "depth", "width")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SEARCHERS = ("evopress", "random", "tpe", "cmaes", "nsga2", "uniform", "owl", "hessian", "dp", "shortgpt")
+ONE_SHOT = ("uniform", "owl", "hessian", "dp", "shortgpt")  # schedules: no search; any can warm-start one
+SEARCHERS = ("evopress", "random", "tpe", "cmaes", "nsga2", *ONE_SHOT)
 
 
 @dataclass
@@ -177,9 +178,8 @@ def validate(cfg: Config) -> Config:
         raise RayPressError(f"unknown family '{cfg.family}'; choose one of {', '.join(FAMILIES)}")
     if cfg.searcher.name not in SEARCHERS:
         raise RayPressError(f"unknown searcher '{cfg.searcher.name}'; choose one of {', '.join(SEARCHERS)}")
-    warm = ("uniform", "owl", "hessian", "dp", "shortgpt")  # the one-shot schedules
-    if cfg.searcher.init not in warm:
-        raise RayPressError(f"unknown searcher.init '{cfg.searcher.init}'; warm-start from one of {', '.join(warm)}")
+    if cfg.searcher.init not in ONE_SHOT:
+        raise RayPressError(f"unknown searcher.init '{cfg.searcher.init}'; warm-start from one of {', '.join(ONE_SHOT)}")
     for i, st in enumerate(cfg.searcher.stages):
         if not (isinstance(st, (list, tuple)) and len(st) == 2 and all(isinstance(x, int) and x > 0 for x in st)):
             raise RayPressError(f"searcher.stages[{i}] must be [tokens, survivors] with positive integers, got {st!r}")

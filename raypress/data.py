@@ -50,8 +50,6 @@ _CHUNK_CHARS = 1 << 20  # text is tokenized in ~1 MB pieces (split at line ends)
 def offline_source(checkout) -> str:
     """The corpus for jobs run from a checkout: WikiText-2 in the shared/ folder beside it, else the
     Brown corpus (npm)."""
-    from pathlib import Path
-
     wikitext = Path(checkout).parent / "shared/data/wikitext-2/valid.txt"
     return f"text:{wikitext}" if wikitext.is_file() else "brown"
 

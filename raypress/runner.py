@@ -15,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .config import ONE_SHOT, Config
 from .errors import RESULT_KEY, RayPressError
 
 log = logging.getLogger("raypress")
-
-ONE_SHOT = ("uniform", "owl", "hessian", "dp", "shortgpt")
 
 
 @dataclass
