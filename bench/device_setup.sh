@@ -4,10 +4,13 @@
 # at most 64 MiB, so the payload (an xz tarball of a trimmed site-packages, ~115 MiB) travels in
 # pieces over back-to-back calls into /tmp (kept while the machine stays warm).
 #
-# Here:   bash bench/device_setup.sh pack            -> .dev/p0/piece.aa, .dev/p1/piece.ab, .dev/data
-# There:  bash bench/device_setup.sh piece .dev/p0   (one call per piece, carry .dev/pN)
-#         bash bench/device_setup.sh install         (in the call with the last piece)
-#         export PYTHONPATH=/tmp/site RAYPRESS_CACHE=/tmp/rpcache
+# MLflow, Optuna and their pure-Python needs travel as cp312 wheels (.dev/wh, ~22 MiB).
+#
+# Here:   bash bench/device_setup.sh pack   -> .dev/p0/piece.aa, .dev/p1/piece.ab, .dev/wh, .dev/data
+# There:  call 1 (carry .dev/p0):            bash bench/device_setup.sh piece .dev/p0
+#         call 2 (carry .dev/p1 .dev/data):  bash bench/device_setup.sh piece .dev/p1 && bash bench/device_setup.sh install
+#         call 3 (carry .dev/wh):            bash bench/device_setup.sh wheels && bash bench/gpu_acceptance.sh ...
+#         (calls back to back: the machine keeps /tmp only while it stays warm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -26,12 +29,26 @@ case "${1:-}" in
     rm -rf .dev/p0 .dev/p1 && mkdir -p .dev/p0 .dev/p1 .dev/data
     (cd .dev && split -b 60000000 site.tar.xz piece. && mv piece.aa p0/ && mv piece.ab p1/ && rm site.tar.xz)
     cp ../shared/data/wikitext-2/valid.txt .dev/data/  # the offline corpus does not travel by itself
-    ls -la .dev/p0 .dev/p1 ;;
+    # the device image lacks MLflow (skinny: no server), Optuna and what they import
+    rm -rf .dev/wh && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .dev/wh \
+      mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 optuna==5.1.0 alembic==1.20.1 sqlalchemy==2.1.9 \
+      cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 colorlog==6.12.0 mako==1.4.3 sqlparse==0.6.1 \
+      databricks-sdk==0.167.0 google-auth==2.63.0 pyasn1==0.6.5 cachetools==7.3.3 cloudpickle==3.1.3 \
+      gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 importlib-metadata==9.1.0 zipp==4.1.2 protobuf==7.36.2 \
+      opentelemetry-api==1.45.2 opentelemetry-proto==1.45.2 opentelemetry-sdk==1.45.2 \
+      opentelemetry-semantic-conventions==0.66b2 fastapi==0.165.0 starlette==1.10.0 anyio==4.16.0 \
+      annotated-doc==0.0.7 python-dotenv==1.2.4 pydantic==2.14.4 pydantic-core==2.50.5 \
+      annotated-types==0.8.0 typing-inspection==0.4.5
+    ls -la .dev/p0 .dev/p1 && du -sh .dev/wh ;;
   piece)
     mkdir -p /tmp/stage && cp "$2"/piece.* /tmp/stage/ && ls -la /tmp/stage ;;
   install)
     cat /tmp/stage/piece.* | xz -d | tar -x -C /tmp
-    PYTHONPATH=/tmp/site python3 -c "import ray, ray.tune, gguf; print('ray', ray.__version__, 'gguf ok')" ;;
+    PYTHONPATH=/tmp/site python3 -c "import ray, gguf; print('ray', ray.__version__, 'gguf ok')" ;;
+  wheels)  # after install: ray.tune needs pydantic, which travels with these wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/wh/*.whl
+    PYTHONPATH=/tmp/site python3 -c "import ray.tune, mlflow, optuna; print('mlflow', mlflow.__version__, 'optuna', optuna.__version__)" ;;
   *)
-    echo "usage: $0 pack | piece DIR | install" >&2; exit 2 ;;
+    echo "usage: $0 pack | piece DIR | install | wheels" >&2; exit 2 ;;
 esac

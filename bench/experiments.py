@@ -1,6 +1,7 @@
 """Acceptance experiments on SmolLM2-135M: every family, searcher vs baselines, one table each.
 
-    python bench/experiments.py [sparsity quant depth width] [--gpu] [--set key=value ...]
+    python bench/experiments.py [sparsity quant depth width] [--gpu] [--targets 0.7,0.6]
+                                [--searchers evopress,dp] [--set key=value ...]
 
 Each part is `raypress compare` on one database (child MLflow runs under one parent). On a GPU
 (`--gpu`) the selection uses EvoPress-sized token stages; on CPU the YAML's smaller stages.
@@ -27,7 +28,9 @@ PARTS = {
     "width": ("smollm2_width.yaml", [(["method=none"], ["uniform"], [0.2, 0.3]),
                                      ([], ["evopress", "uniform"], [0.2, 0.3])]),
 }
-GPU = ["evaluator.device=cuda", "searcher.generations=60", "searcher.offspring=16",
+# on a GPU a candidate scores in milliseconds: batch candidates per Tune trial (auto: EvoPress's
+# offspring, random's likewise; 1 for TPE, which should see every result before its next suggestion)
+GPU = ["evaluator.device=cuda", "evaluator.candidates_per_trial=auto", "searcher.generations=60", "searcher.offspring=16",
        "searcher.stages=[[512, 4], [2048, 2], [8192, 1]]", "data.n_calib=128", "data.n_eval=64"]
 
 
@@ -38,6 +41,7 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--targets", help="comma list overriding every part's targets")
+    ap.add_argument("--searchers", help="comma list: run only these of each part's searchers")
     args = ap.parse_args()
     data = f"data.source={offline_source(ROOT)}"
     all_rows = []
@@ -48,6 +52,10 @@ def main() -> int:
             cfg = load_config(ROOT / "search_spaces" / yaml, [data, *(GPU if args.gpu else []), *extra, *args.set])
             if args.targets:
                 targets = [float(t) for t in args.targets.split(",")]
+            if args.searchers:
+                searchers = [s for s in searchers if s in args.searchers.split(",")]
+                if not searchers:
+                    continue
             rows = compare(cfg, searchers, targets)
             for r in rows:
                 r["part"] = f"{part}{'/' + cfg.method}"

@@ -67,3 +67,38 @@ def test_same_tokens_same_fitness_and_fresh_tokens_per_stage(setup):
     b = ev.score(u, 128, seed=0, generation=1, stage=0)["fitness"]
     c = ev.score(u, 128, seed=0, generation=2, stage=0)["fitness"]
     assert a == b and a != c
+
+
+def test_variant_cache_reuses_copies_within_its_bound(setup):
+    """GPU evaluators keep device copies of variants (cache_bytes); here on CPU the fp16 database
+    -> fp32 model conversion makes copies too, so the same logic runs."""
+    import torch
+
+    db, spec, space = setup
+    u = space.uniform()
+    ids = torch.as_tensor(np.random.default_rng(0).integers(0, 500, size=(2, 32)))
+
+    def weights_and_logits(cache_bytes):
+        model, _ = load_model(spec.model, tokenizer=False)
+        lin = get_adapter(model).linear_layers()
+        ap = WeightSwapApplier(spec.applier.refs, dense_levels(db))
+        ap.attach(model, get_adapter(model))
+        ap.cache_bytes = cache_bytes
+        ap.apply(u)
+        first = {n: lin[n].weight.data_ptr() for n in u}
+        ap.apply({})
+        ap.apply(u)
+        with torch.no_grad():
+            out = model(ids).logits
+        return ap, first, {n: lin[n].weight.data_ptr() for n in u}, out
+
+    ap0, _, _, plain = weights_and_logits(0)
+    assert not ap0._cache  # no cache: a fresh copy on every swap-in
+    ap, a, b, cached = weights_and_logits(1 << 40)
+    swapped = [n for n in u if dense_levels(db)[n] != u[n]]
+    assert a == b and len(ap._cache) == len(swapped) > 0  # the second swap-in reused the first copies
+    assert all(ap._modules[n].weight.data_ptr() == ap._cache[(n, u[n])].data_ptr() for n in swapped)
+    assert torch.equal(plain, cached)
+    one = max(t.numel() * t.element_size() for t in ap._cache.values())
+    ap2, _, _, _ = weights_and_logits(2 * one)
+    assert 0 < ap2._cached_bytes <= 2 * one and len(ap2._cache) <= 2  # least recently used evicted

@@ -137,6 +137,36 @@ def test_tpe_improves_over_its_random_start():
     assert s.pop_new_history() == []
 
 
+def test_tpe_window_caps_the_above_set_and_survives_a_resume():
+    from optuna.samplers import TPESampler
+
+    from raypress.search.tpe import WindowedTPESampler
+
+    space = smol_space(2, 0.6)
+    f = objective(space, seed=4)
+    s = make_optuna_searcher(space, sampler="tpe", seed=0, sampler_kwargs={"max_above": 8})
+    sampler = s._ot_study.sampler
+    assert isinstance(sampler, WindowedTPESampler)
+    seen = []
+    inner = TPESampler._build_parzen_estimator
+
+    def spy(self, study, space_, trials, handle_below):
+        seen.append((handle_below, len(trials), trials[-1].number if trials else -1))
+        return inner(self, study, space_, trials, handle_below)
+
+    TPESampler._build_parzen_estimator = spy
+    try:
+        run(s, space, f, 40)
+    finally:
+        TPESampler._build_parzen_estimator = inner
+    above = [(n, last) for below, n, last in seen if not below]
+    assert above and max(n for n, _ in above) == 8  # capped, and the cap is reached
+    assert above[-1][1] >= 30  # the window holds the newest trials, not the oldest
+    b = make_optuna_searcher(space, sampler="tpe", seed=0)
+    b.set_state(json.loads(json.dumps(s.get_state())))  # the windowed sampler passes the allow-list
+    assert isinstance(b._ot_study.sampler, WindowedTPESampler) and b._ot_study.sampler._max_above == 8
+
+
 def test_initial_config_is_evaluated_first():
     space = smol_space(2, 0.5)
     s = make_optuna_searcher(space, sampler="tpe", seed=0, initial=space.uniform())

@@ -7,10 +7,16 @@ dequantizes on swap-in; `ray.get` maps either without copying. A level is applie
 Linear's weight at a view of that array (or at a device/dtype copy of it when the model runs
 on a GPU or in another dtype), and the dense weight is restored by pointing back at the
 tensor the model was loaded with — nothing is ever written into a shared array.
+
+On a GPU the evaluator sets `cache_bytes` (evaluator.variant_cache × free memory): device copies
+are kept (least recently used first out) so that switching back to a variant seen before is a
+pointer change, not a host->device copy. Searchers whose candidates differ in most layers
+(random, TPE) otherwise pay a full-model copy per candidate.
 """
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -28,6 +34,12 @@ def _as_tensor(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _shares(t: torch.Tensor, stored) -> bool:
+    """Is t a view of the object-store array (nothing to cache: it already costs no copy)?"""
+    return isinstance(stored, np.ndarray) and t.device.type == "cpu" and \
+        stored.ctypes.data <= t.data_ptr() < stored.ctypes.data + stored.nbytes
+
+
 class WeightSwapApplier(Applier):
     """Applies {layer: level} by swapping Linear weights to object-store variants.
 
@@ -43,10 +55,13 @@ class WeightSwapApplier(Applier):
         self.decode = decode  # optional: (stored_obj, level) -> ndarray, e.g. packed quant codes
         self._arrays: dict = {}
         self._current: dict[str, int | None] = {}
+        self.cache_bytes = 0  # device copies kept for reuse (set by the evaluator on a GPU)
+        self._cache: OrderedDict = OrderedDict()
+        self._cached_bytes = 0
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_arrays"], state["_current"] = {}, {}
+        state["_arrays"], state["_current"], state["_cache"], state["_cached_bytes"] = {}, {}, OrderedDict(), 0
         for k in ("_modules", "_dense"):
             state.pop(k, None)
         return state
@@ -77,6 +92,21 @@ class WeightSwapApplier(Applier):
         return arr
 
     def variant(self, layer: str, level: int) -> torch.Tensor:
+        key = (layer, level)
+        t = self._cache.get(key)
+        if t is not None:
+            self._cache.move_to_end(key)
+            return t
+        t = self._variant(layer, level)
+        if self.cache_bytes > 0 and t.data_ptr() != 0 and not _shares(t, self._stored(layer)):
+            self._cache[key] = t
+            self._cached_bytes += t.numel() * t.element_size()
+            while self._cached_bytes > self.cache_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.numel() * old.element_size()
+        return t
+
+    def _variant(self, layer: str, level: int) -> torch.Tensor:
         stored = self._stored(layer)
         if self.decode is not None:
             arr = self.decode(stored, level)

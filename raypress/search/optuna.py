@@ -50,6 +50,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raypress.errors import RayPressError
 from raypress.search.schedules import reduce_costs
+from raypress.search.tpe import WindowedTPESampler
 
 __all__ = ["BudgetDecoder", "FeasibleSpace", "make_optuna_searcher", "make_sampler", "SAMPLERS",
            "RayPressOptunaSearch"]
@@ -194,10 +195,12 @@ class FeasibleSpace:
 
 
 def make_sampler(name: str, seed: int = 0, **kw):
-    """An Optuna sampler by short name: tpe | cmaes | nsga2 | random (seeded)."""
+    """An Optuna sampler by short name: tpe | cmaes | nsga2 | random (seeded). "tpe" is optuna's TPE with
+    its "above" set capped to the newest `max_above` trials (search/tpe.py)."""
     name = name.lower().replace("-", "").replace("_", "")
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **kw)
+        # windowed: flat cost per suggestion over hundreds of layers (see search/tpe.py)
+        return WindowedTPESampler(seed=seed, **kw)
     if name in ("cmaes", "cma"):
         try:
             import cmaes  # noqa: F401
@@ -335,7 +338,8 @@ class RayPressOptunaSearch(OptunaSearch):
         from ..safe_pickle import safe_loads  # the state file may come from elsewhere: allow-listed types only
 
         sampler = safe_loads(base64.b64decode(state["sampler"]),
-                             ("optuna.samplers", "optuna.distributions", "optuna.search_space"), "the saved Optuna sampler")
+                             ("optuna.samplers", "optuna.distributions", "optuna.search_space", "raypress.search.tpe"),
+                             "the saved Optuna sampler")
         study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(),
                                     direction="minimize" if self.mode != "max" else "maximize")
         layers = self.fspace.decoder.layers
