@@ -53,7 +53,8 @@ def main() -> int:
             if args.targets:
                 targets = [float(t) for t in args.targets.split(",")]
             if args.searchers:
-                searchers = [s for s in searchers if s in args.searchers.split(",")]
+                # in the order given: cheap schedules first when a run may be cut short
+                searchers = [s for s in args.searchers.split(",") if s in searchers]
                 if not searchers:
                     continue
             rows = compare(cfg, searchers, targets)
