@@ -66,6 +66,10 @@ class WeightSwapApplier(Applier):
             state.pop(k, None)
         return state
 
+    def __setstate__(self, state):
+        # an applier pickled by an older RayPress (before the device cache) still unpickles
+        self.__dict__.update({"cache_bytes": 0, "_cache": OrderedDict(), "_cached_bytes": 0, **state})
+
     def attach(self, model, adapter) -> None:
         linears = adapter.linear_layers()
         missing = [n for n in self.refs if n not in linears]
