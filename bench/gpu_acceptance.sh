@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The acceptance experiments (bench/experiments.py --gpu) on a lent GPU machine, after
-# `bench/device_setup.sh install`. Caches, the MLflow store and the corpus live under /tmp, which
+# `bench/device_setup.sh install` and `wheels`. Caches, the MLflow store and the corpus live under /tmp, which
 # survives back-to-back calls, so a later call reuses databases built by an earlier one.
 #
 #   bash bench/gpu_acceptance.sh quant depth --targets ...   (arguments go to experiments.py)

@@ -53,22 +53,25 @@ class WeightSwapApplier(Applier):
         self.refs = refs
         self.dense_levels = dense_levels or {}
         self.decode = decode  # optional: (stored_obj, level) -> ndarray, e.g. packed quant codes
+        self.cache_bytes = 0  # device copies kept for reuse (set by the evaluator on a GPU)
+        self._reset_local()
+
+    _LOCAL = ("_arrays", "_current", "_cache", "_cached_bytes", "_modules", "_dense")
+
+    def _reset_local(self) -> None:
+        """Per-process state: mapped arrays, swapped-in levels, device copies (never pickled)."""
         self._arrays: dict = {}
         self._current: dict[str, int | None] = {}
-        self.cache_bytes = 0  # device copies kept for reuse (set by the evaluator on a GPU)
         self._cache: OrderedDict = OrderedDict()
         self._cached_bytes = 0
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_arrays"], state["_current"], state["_cache"], state["_cached_bytes"] = {}, {}, OrderedDict(), 0
-        for k in ("_modules", "_dense"):
-            state.pop(k, None)
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in self._LOCAL}
 
     def __setstate__(self, state):
-        # an applier pickled by an older RayPress (before the device cache) still unpickles
-        self.__dict__.update({"cache_bytes": 0, "_cache": OrderedDict(), "_cached_bytes": 0, **state})
+        self.__dict__.update(state)
+        self.__dict__.setdefault("cache_bytes", 0)  # pickled before the device cache existed
+        self._reset_local()
 
     def attach(self, model, adapter) -> None:
         linears = adapter.linear_layers()
