@@ -285,6 +285,10 @@ class RayPressOptunaSearch(OptunaSearch):
         opt_key = "cma:optimizer"
         last_opt = max((t.number for t in trials if any(k.startswith(opt_key) for k in t.system_attrs)),
                        default=-1)
+        # a finished trial never changes: its row is built once (rebuilding all rows after every
+        # trial made a 1380-trial TPE search spend minutes here); only which trial carries the
+        # newest CMA-ES optimizer snapshot moves, so that is added at write time
+        rows = self.__dict__.setdefault("_state_rows", {})
         done, waiting = [], []
         for t in trials:
             if t.state == TrialState.WAITING:
@@ -293,25 +297,13 @@ class RayPressOptunaSearch(OptunaSearch):
                 continue
             if t.state not in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
                 continue  # running: re-suggested after a resume
-            # finished trials need neither TPE's shared relative params (constant liar) nor any
-            # but the newest CMA-ES optimizer snapshot
-            sysattrs = {k: v for k, v in t.system_attrs.items()
-                        if not (k.startswith(opt_key) and t.number != last_opt)
-                        and not k.startswith("tpe:relative_params")}
-            bounds = {}
-            for j, l in enumerate(layers):
-                dist = t.distributions.get(l)
-                if dist is not None and (dist.low, dist.high) != (0, nlev[j] - 1):
-                    bounds[l] = [int(dist.low), int(dist.high)]
-            done.append({
-                # nominal values in space.layers order (None: not sampled, e.g. a forced layer)
-                "x": [int(t.params[l]) if l in t.params else None for l in layers],
-                "bounds": bounds,  # only distributions other than IntDistribution(0, n_levels-1)
-                "value": t.value,
-                "state": t.state.name,
-                "user_attrs": {k: v for k, v in t.user_attrs.items() if k != "rp_config"},
-                "system_attrs": sysattrs,
-            })
+            row = rows.get(t.number)
+            if row is None:
+                row = rows[t.number] = self._state_row(t, layers, nlev, opt_key)
+            if t.number == last_opt:
+                row = {**row, "system_attrs": {**row["system_attrs"], **{
+                    k: v for k, v in t.system_attrs.items() if k.startswith(opt_key)}}}
+            done.append(row)
         return {
             "kind": "optuna",
             "version": 1,
@@ -327,6 +319,36 @@ class RayPressOptunaSearch(OptunaSearch):
             "tokens": self.tokens,
         }
 
+    @staticmethod
+    def _state_row(t, layers, nlev, opt_key) -> dict:
+        # finished trials need neither TPE's shared relative params (constant liar) nor any
+        # but the newest CMA-ES optimizer snapshot (get_state adds that one)
+        sysattrs = {k: v for k, v in t.system_attrs.items()
+                    if not k.startswith(opt_key) and not k.startswith("tpe:relative_params")}
+        bounds = {}
+        for j, l in enumerate(layers):
+            dist = t.distributions.get(l)
+            if dist is not None and (dist.low, dist.high) != (0, nlev[j] - 1):
+                bounds[l] = [int(dist.low), int(dist.high)]
+        return {
+            # nominal values in space.layers order (None: not sampled, e.g. a forced layer)
+            "x": [int(t.params[l]) if l in t.params else None for l in layers],
+            "bounds": bounds,  # only distributions other than IntDistribution(0, n_levels-1)
+            "value": t.value,
+            "state": t.state.name,
+            "user_attrs": {k: v for k, v in t.user_attrs.items() if k != "rp_config"},
+            "system_attrs": sysattrs,
+        }
+
+    def save(self, checkpoint_path: str):
+        # Tune pickles __dict__ for its experiment checkpoints: the row cache is derived data
+        rows = self.__dict__.pop("_state_rows", None)
+        try:
+            super().save(checkpoint_path)
+        finally:
+            if rows is not None:
+                self._state_rows = rows
+
     def set_state(self, state: dict) -> None:
         import base64
 
@@ -335,6 +357,7 @@ class RayPressOptunaSearch(OptunaSearch):
 
         if not state or state.get("kind") != "optuna":
             raise RayPressError("the saved searcher state is not an Optuna state; resume with the same searcher")
+        self._state_rows = {}  # rows of the study this replaces
         from ..safe_pickle import safe_loads  # the state file may come from elsewhere: allow-listed types only
 
         sampler = safe_loads(base64.b64decode(state["sampler"]),
