@@ -234,6 +234,7 @@ class RayPressOptunaSearch(OptunaSearch):
         self._handed = 0
         self.evaluations = 0
         self.tokens = 0
+        self._state_rows: dict[int, dict] = {}  # get_state's row per finished trial number
 
     # -- Searcher interface ----------------------------------------------------------
     def suggest(self, trial_id: str):
@@ -288,7 +289,7 @@ class RayPressOptunaSearch(OptunaSearch):
         # a finished trial never changes: its row is built once (rebuilding all rows after every
         # trial made a 1380-trial TPE search spend minutes here); only which trial carries the
         # newest CMA-ES optimizer snapshot moves, so that is added at write time
-        rows = self.__dict__.setdefault("_state_rows", {})
+        rows = self._state_rows
         done, waiting = [], []
         for t in trials:
             if t.state == TrialState.WAITING:
@@ -342,12 +343,15 @@ class RayPressOptunaSearch(OptunaSearch):
 
     def save(self, checkpoint_path: str):
         # Tune pickles __dict__ for its experiment checkpoints: the row cache is derived data
-        rows = self.__dict__.pop("_state_rows", None)
+        rows = self.__dict__.pop("_state_rows")
         try:
             super().save(checkpoint_path)
         finally:
-            if rows is not None:
-                self._state_rows = rows
+            self._state_rows = rows
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self._state_rows = {}  # rows of the study this replaces
 
     def set_state(self, state: dict) -> None:
         import base64
