@@ -1,4 +1,4 @@
-"""Cost of saving an Optuna searcher's resume state (runner._StateSaver does it after every trial).
+"""Cost of saving an Optuna searcher's resume state (tune_loop.state_saver does it after every trial).
 
     python bench/optuna_state.py [--trials 1400] [--every 200] [--sampler random]
 
@@ -43,7 +43,7 @@ def main() -> int:
     L = 210  # SmolLM2-135M: 30 blocks x 7 linear layers
     space = SearchSpace.from_values([i / 10 for i in range(10)], 0.7, layers=[f"l{i}" for i in range(L)],
                                     n_params=[576 * 576] * 150 + [576 * 1536] * 60)
-    s = make_optuna_searcher(space, sampler=args.sampler, seed=0)
+    s = make_optuna_searcher(space, sampler=args.sampler, seed=0, n_tokens=512)
     w = np.abs(np.random.default_rng(0).normal(size=L))
     print(f"{'trials':>6} {'save ms (reused rows)':>22} {'save ms (all rebuilt)':>22} {'state MiB':>10}")
     for n in range(1, args.trials + 1):

@@ -11,7 +11,7 @@ What runs (one SparseGPT level database, built once, served from Ray's object st
   * throughput rows: an EvoPress search (same seed, same candidates) driven through
       raw      a raw pool of evaluator actors (ray.remote(Evaluator)): the searcher hands each idle
                actor the next candidate; no Tune;
-      tune     Ray Tune exactly as raypress.runner.run_tune builds it (one candidate per trial);
+      tune     Ray Tune exactly as raypress.tune_loop.run_tune builds it (one candidate per trial);
       tune-b   the same with evaluator.candidates_per_trial=auto (several candidates per trial);
     evaluations/s and tokens/s are taken over generations 1..G-1 (generation 0 carries actor start,
     model load and Tune set-up); Tune overhead = 1 - rate(tune) / rate(raw) on the same evaluators;
@@ -175,8 +175,9 @@ def run_raw(ray, spec, space, args, stages, k, gpu_frac):
 def run_tune(ray, spec, space, args, stages, k, gpu_frac, batched: bool, storage: Path):
     from ray import tune
 
-    from raypress import runner
+    from raypress import tune_loop
     from raypress.config import load_config
+    from raypress.search import get_searcher
 
     mem = {"bytes": 0}
 
@@ -186,14 +187,15 @@ def run_tune(ray, spec, space, args, stages, k, gpu_frac, batched: bool, storage
 
     cfg = load_config(None, [f"evaluator.num_evaluators={k}", f"searcher.offspring={args.offspring}",
                              f"evaluator.candidates_per_trial={'auto' if batched else 1}"])
-    saved = runner.resources
-    runner.resources = lambda _cfg: (k, {"cpu": args.cpus_per_evaluator, "gpu": gpu_frac})
+    saved = tune_loop.resources
+    tune_loop.resources = lambda _cfg: (k, {"cpu": args.cpus_per_evaluator, "gpu": gpu_frac})
     try:
         s = make_searcher(space, args, stages)
         t0 = time.time()
-        runner.run_tune(cfg, spec, s, -1, [StoreProbe()], storage, f"bench-{k}-{int(batched)}-{int(t0)}")
+        tune_loop.run_tune(cfg, get_searcher("evopress"), spec, s, space, [StoreProbe()], storage,
+                           f"bench-{k}-{int(batched)}-{int(t0)}")
     finally:
-        runner.resources = saved
+        tune_loop.resources = saved
     return {**rates(s.history), "store_bytes": mem["bytes"], "wall_s": time.time() - t0}
 
 

@@ -265,3 +265,23 @@ def collect_input_norms(model, adapter, calib: np.ndarray, batch_size=8, device=
                         layers: list[str] | None = None, **kw) -> dict[str, torch.Tensor]:
     """‖X_j‖₂ per input column (float32 [in]) of every linear layer's input on the dense model."""
     return collect_stats(model, adapter, calib, ("norms",), batch_size, device, layers, **kw)["norms"]
+
+
+class StatsCache:
+    """Dense-model statistics (Hessians and input norms of every linear layer) for the schedules that
+    need them (OWL, Hessian, DP), computed once per (model, calibration tokens). A comparison hands
+    one cache to every search it runs, so its schedules calibrate once."""
+
+    def __init__(self):
+        self._key = None
+        self._stats: dict | None = None
+
+    def get(self, model_id: str, model, adapter, calib: np.ndarray) -> dict:
+        """{"hessians": {layer: H}, "norms": {layer: ‖X_j‖}}."""
+        import hashlib
+
+        key = (model_id, hashlib.sha256(np.ascontiguousarray(calib).tobytes()).hexdigest())
+        if key != self._key:
+            st = collect_stats(model, adapter, calib)
+            self._key, self._stats = key, {"hessians": st["hessian"], "norms": st["norms"]}
+        return self._stats

@@ -1,4 +1,4 @@
-"""`raypress search | build-db | eval | export | compare | ui`.
+"""`raypress search | plan | build-db | eval | export | compare | ui`.
 
 User-fixable problems print one line `raypress: error: ...` and exit 2 — never a traceback.
 """
@@ -42,18 +42,17 @@ def cmd_search(args) -> int:
     from .runner import run_search
 
     if args.resume:
-        from .config import _build, Config, validate
-        from .runner import read_state
+        from .rundir import read_state
 
         if args.config:
             raise RayPressError("--resume takes its config from the output folder; drop --config")
-        data = read_state(args.resume)["config"]
+        state = read_state(args.resume)
         for item in args.set:  # only settings that do not change what is searched
             key = item.split("=", 1)[0].strip()
             if not key.startswith(RESUMABLE_KEYS):
                 raise RayPressError(f"--set {key} cannot change on --resume (it would change the search); "
                                     f"only {', '.join(k.rstrip('.') for k in RESUMABLE_KEYS)} can")
-        cfg = load_config(None, args.set, base=data) if args.set else validate(_build(Config, data))
+        cfg = load_config(None, args.set, base=state["config"], base_explicit=state.get("explicit", []))
     else:
         cfg = load_config(args.config, args.set)
     result = run_search(cfg, resume=args.resume)
@@ -69,20 +68,39 @@ RESUMABLE_KEYS = ("evaluator.", "ray_address")
 def cmd_build_db(args) -> int:
     from .config import load_config
     from .data import load_tokens, make_splits
-    from .database import build_database
-    from .families import method_for
+    from .families import get_family
     from .models import get_adapter, load_model
 
     cfg = load_config(args.config, args.set)
-    if cfg.family not in ("sparsity", "quant"):
-        raise RayPressError(f"family '{cfg.family}' needs no level database; run `raypress search` directly")
+    family = get_family(cfg.family)
+    if not family.has_database:
+        raise RayPressError(f"family '{cfg.family}' needs no database; run `raypress search` directly")
     model, tok = load_model(cfg.model)
     tokens = load_tokens(cfg.data.source, tok, cfg.data.max_tokens)
     splits = make_splits(tokens, cfg.data.seq_len, cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
-    db = build_database(cfg.model, model, get_adapter(model), method_for(cfg), splits.calib,
-                        cache_root=cfg.database.cache_dir, storage_dtype=cfg.database.storage_dtype)
-    print(f"database {db.key[:12]} at {db.path} ({db.meta.get('total_bytes', 0) / 2**20:.0f} MiB)")
+    db = family.build_database(cfg, model, get_adapter(model), splits.calib)
+    print(f"database {db!r}" if not hasattr(db, "key") else
+          f"database {db.key[:12]} at {db.path} ({db.meta.get('total_bytes', 0) / 2**20:.0f} MiB)")
     return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import format_plan, plan
+
+    cfg = load_config(args.config, args.set)
+    targets = _floats(args.targets, "--targets") if args.targets else None
+    searchers = [s.strip() for s in args.searchers.split(",") if s.strip()] if args.searchers else None
+    report = plan(cfg, targets, searchers)
+    print(json.dumps(report, indent=1) if args.json else format_plan(report))
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise RayPressError(f"{flag} takes comma-separated numbers, e.g. {flag} 0.5,0.6,0.7; got {text!r}") from None
 
 
 def cmd_compare(args) -> int:
@@ -91,7 +109,7 @@ def cmd_compare(args) -> int:
 
     cfg = load_config(args.config, args.set)
     searchers = args.searchers.split(",") if args.searchers else DEFAULT_SEARCHERS
-    targets = [float(t) for t in args.targets.split(",")] if args.targets else None
+    targets = _floats(args.targets, "--targets") if args.targets else None
     compare(cfg, searchers, targets)
     return 0
 
@@ -146,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted search from its output folder")
     s.set_defaults(func=cmd_search)
+    pl = sub.add_parser("plan", help="check a config without building anything: for every (target, searcher), "
+                                     "whether the search would start and why not")
+    _add_config_args(pl)
+    pl.add_argument("--targets", help="comma list of targets to check (default: the config's target)")
+    pl.add_argument("--searchers", help="comma list of searchers (default: every searcher)")
+    pl.add_argument("--json", action="store_true", help="print JSON: {\"checks\": [{target, searcher, ok, message}], ...}")
+    pl.set_defaults(func=cmd_plan)
     b = sub.add_parser("build-db", help="build (or find cached) the level database only")
     _add_config_args(b)
     b.set_defaults(func=cmd_build_db)

@@ -1,19 +1,22 @@
 """Searcher comparison: every searcher and schedule on one database, one MLflow parent run.
 
-Budgets are matched: random and Optuna samplers get as many candidate evaluations as the
-evolution spends, each on the evolution's mean tokens per evaluation, so both sides see the
-same number of candidates and the same number of calibration tokens.
+Budgets are matched by the searcher registry (search/registry.evaluation_budget), exactly as in
+`raypress search`: random and Optuna samplers get as many candidate evaluations as the evolution
+spends, each on the evolution's mean tokens per evaluation. Schedules that need dense-model
+statistics (OWL, Hessian, DP) share one StatsCache, so the comparison calibrates once.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 
+from .calibrate import StatsCache
 from .config import Config, validate
-from .errors import RayPressError
-from .runner import ONE_SHOT, evolution_budget, run_search
+from .ray_env import ensure_ray
+from .runner import run_search
+from .search import registry
+from .tracking import Tracker, fitness_curve, tracked
 
 log = logging.getLogger("raypress")
 
@@ -21,16 +24,8 @@ DEFAULT_SEARCHERS = ("evopress", "tpe", "random", "uniform", "owl", "hessian", "
 
 
 def matched_budget(cfg: Config) -> tuple[int, int]:
-    """(evaluations, tokens per evaluation) matching the evolution's spend."""
-    s = cfg.searcher
-    evals = evolution_budget(cfg)
-    tokens, n = 0, s.offspring + 1
-    for stage_tokens, survivors in s.stages:
-        tokens += n * stage_tokens
-        n = survivors
-    per_eval = tokens * s.generations / evals
-    seq = cfg.data.seq_len
-    return evals, int(math.ceil(per_eval / seq) * seq)
+    """(evaluations, tokens per evaluation) matching the evolution's spend (the registry's answer)."""
+    return registry.evaluation_budget(cfg)
 
 
 def _variant(cfg: Config, name: str, target: float) -> Config:
@@ -38,10 +33,6 @@ def _variant(cfg: Config, name: str, target: float) -> Config:
     c.target = target
     c.searcher.name = name
     c.tracking.run_name = None
-    if name not in ONE_SHOT and name != "evopress":
-        evals, per_eval = matched_budget(cfg)
-        c.searcher.samples = evals
-        c.searcher.stages = [[per_eval, 1]]
     return validate(c)
 
 
@@ -58,15 +49,12 @@ def format_table(rows: list[dict]) -> str:
 
 def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict]:
     """Run each searcher at each target as child MLflow runs of one parent; return the table rows."""
-    from .runner import ensure_ray
-    from .tracking import Tracker, fitness_curve, tracked
-
     targets = list(targets or [cfg.target])
-    unknown = [s for s in searchers if s not in ("evopress", "tpe", "cmaes", "nsga2", "random", *ONE_SHOT)]
-    if unknown:
-        raise RayPressError(f"unknown searcher '{unknown[0]}' in the comparison; choose from evopress, tpe, "
-                            f"cmaes, nsga2, random, {', '.join(ONE_SHOT)}")
+    for s in searchers:
+        registry.get_searcher(s)
+    variants = {(t, s): _variant(cfg, s, t) for t in targets for s in searchers}  # every config checked first
     ensure_ray(cfg.ray_address)
+    stats = StatsCache()
     model = cfg.model.rstrip("/").split("/")[-1]
     parent = Tracker(cfg.tracking.uri, cfg.tracking.experiment,
                      f"compare-{model}-{cfg.family}-{cfg.method}-{'/'.join(f'{t:g}' for t in targets)}")
@@ -79,10 +67,10 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
         for target in targets:
             curves = {}
             for name in searchers:
-                c = _variant(cfg, name, target)
+                c = variants[(target, name)]
                 t0 = time.time()
-                r = run_search(c, parent_run_id=parent.run_id)
-                tok = "-" if name in ONE_SHOT else (
+                r = run_search(c, parent_run_id=parent.run_id, stats=stats)
+                tok = "-" if registry.get_searcher(name).one_shot else (
                     r.history[-1]["tokens"] // max(r.evaluations, 1) if r.history else per_eval)
                 rows.append({"target": target, "searcher": name, "ppl": r.ppl_best, "kl": r.kl_best,
                              "evaluations": r.evaluations, "tokens_per_eval": tok, "wall_s": time.time() - t0,

@@ -1,7 +1,9 @@
 """Search configuration: YAML in search_spaces/, validated against a schema, CLI overrides.
 
 The schema is the dataclasses below: unknown keys and wrong types are one-line errors that
-name the valid keys, so a typo never silently falls back to a default.
+name the valid keys, so a typo never silently falls back to a default. Which families, methods
+and searchers exist, and which family-specific keys a family reads, is declared by the registries
+(raypress/families, raypress/search/registry.py), never listed here.
 """
 from __future__ import annotations
 
@@ -16,11 +18,10 @@ from pathlib import Path
 import yaml
 
 from .errors import RayPressError
+from .families import get_family
+from .search.registry import ONE_SHOT, get_searcher
 
-FAMILIES = ("sparsity", "quant", "depth", "width")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ONE_SHOT = ("uniform", "owl", "hessian", "dp", "shortgpt")  # schedules: no search; any can warm-start one
-SEARCHERS = ("evopress", "random", "tpe", "cmaes", "nsga2", *ONE_SHOT)
 
 
 @dataclass
@@ -43,7 +44,9 @@ class SearcherConfig:
     # share of level switches that move budget 1-against-2 layers: lets compression flow between
     # layers whose sizes have no small common multiple (e.g. attention vs MLP in SmolLM2)
     three_way: float = 0.25
-    samples: int | None = None  # random/TPE: candidate evaluations (default: match evolution)
+    # random / Optuna: candidate evaluations (default: as many as the evolution of this config spends,
+    # each on the evolution's mean tokens per evaluation: search/registry.evaluation_budget)
+    samples: int | None = None
     init: str = "uniform"  # uniform or a schedule name (owl, hessian, dp, ...)
     seed: int = 0
 
@@ -99,9 +102,14 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray_address: str | None = None
     output: str = "raypress_runs"
+    #: dotted keys the user set (YAML or --set): family-specific keys are checked against the family,
+    #: and a family's searcher hints never override them. Not part of to_dict().
+    explicit: frozenset = field(default_factory=frozenset, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("explicit", None)
+        return d
 
     def flat(self) -> dict:
         """Flattened 'a.b' -> value (MLflow params)."""
@@ -146,7 +154,7 @@ def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise RayPressError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "explicit"}
     unknown = sorted(set(data) - names)
     if unknown:
         raise RayPressError(
@@ -173,11 +181,19 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def _dotted(data: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in data.items():
+        out.add(prefix + str(k))
+        if isinstance(v, dict):
+            out |= _dotted(v, f"{prefix}{k}.")
+    return out
+
+
 def validate(cfg: Config) -> Config:
-    if cfg.family not in FAMILIES:
-        raise RayPressError(f"unknown family '{cfg.family}'; choose one of {', '.join(FAMILIES)}")
-    if cfg.searcher.name not in SEARCHERS:
-        raise RayPressError(f"unknown searcher '{cfg.searcher.name}'; choose one of {', '.join(SEARCHERS)}")
+    family = get_family(cfg.family)
+    get_searcher(cfg.searcher.name)
+    family.check_config(cfg, set(cfg.explicit))
     if cfg.searcher.init not in ONE_SHOT:
         raise RayPressError(f"unknown searcher.init '{cfg.searcher.init}'; warm-start from one of {', '.join(ONE_SHOT)}")
     for i, st in enumerate(cfg.searcher.stages):
@@ -225,8 +241,10 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
-    """Load a YAML search space (or defaults, or the `base` mapping) and apply `key.sub=value` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None,
+                base_explicit=None) -> Config:
+    """Load a YAML search space (or defaults, or the `base` mapping, whose user-set keys are
+    `base_explicit` when it is a saved full config) and apply `key.sub=value` overrides."""
     import copy
 
     data: dict = copy.deepcopy(base) if base is not None else {}
@@ -250,4 +268,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise RayPressError(f"override '{item}': '{k}' is not a section")
         node[keys[-1]] = value
-    return validate(_build(Config, data))
+    explicit = None
+    if base_explicit is not None:
+        explicit = set(base_explicit) | {".".join(_parse_override(i)[0][:n + 1]) for i in overrides or []
+                                         for n in range(len(_parse_override(i)[0]))}
+    return config_from_dict(data, explicit)
+
+
+def config_from_dict(data: dict, explicit=None) -> Config:
+    """A validated Config from a mapping (a YAML's, or the full `config` saved in a run folder, whose
+    user-set keys are saved beside it: pass them as `explicit`)."""
+    cfg = _build(Config, data)
+    cfg.explicit = frozenset(_dotted(data) if explicit is None else explicit)
+    return validate(cfg)

@@ -1,6 +1,6 @@
 """The level database: every (linear layer, level) variant of a model, built once, cached on disk.
 
-Layout of one database (a folder ``<cache_root>/<key>/``)::
+Layout of one database (a folder ``<cache_root>/<key>/`` of the content-hashed store, store.py)::
 
     block_000.safetensors   {"<full linear name>": [n_levels, out, in] in the storage dtype}, one per block
     ...
@@ -38,26 +38,25 @@ keeps propagating activations (the output folder must be visible to the workers)
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .compress.sparsity import _torch_threads
+from . import store
+from .compress.base import torch_threads
+from .compress.quant import dequantize
 from .errors import RayPressError
 
 log = logging.getLogger("raypress")
 
 FORMAT = 1
-META = "meta.json"
-_TMP_PREFIX = ".tmp-"
+META = store.META
 
 _DTYPES = {  # storage dtype name -> (torch dtype, numpy dtype, safetensors code)
     "float16": (torch.float16, np.float16, "F16"),
@@ -65,8 +64,6 @@ _DTYPES = {  # storage dtype name -> (torch dtype, numpy dtype, safetensors code
 }
 _ALIASES = {"fp16": "float16", "half": "float16", "f16": "float16", "fp32": "float32", "float": "float32",
             "f32": "float32"}
-_ST_TO_NP = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I8": np.int8,
-             "I32": np.int32, "I64": np.int64}
 
 
 def storage_dtype_name(name) -> str:
@@ -79,11 +76,8 @@ def storage_dtype_name(name) -> str:
 
 def default_cache_root() -> Path:
     """``raypress.models.cache_dir() / "db"`` ($RAYPRESS_CACHE or ~/.cache/raypress)."""
-    try:
-        from .models import cache_dir
-    except ImportError:  # pragma: no cover
-        root = os.environ.get("RAYPRESS_CACHE")
-        return (Path(root).expanduser() if root else Path.home() / ".cache" / "raypress") / "db"
+    from .models import cache_dir
+
     return cache_dir() / "db"
 
 
@@ -100,16 +94,11 @@ def database_key(fingerprint: str, calib: np.ndarray, method_params: dict, stora
     """The content hash naming a database folder. storage_format: "dense" (float stacks) or
     "packed" (codes + scales + zeros where smaller); "dense" adds nothing, so dense keys are the
     ones databases had before packed storage existed."""
-    h = hashlib.sha256()
-    parts = [f"raypress-db-{FORMAT}", fingerprint, calib_hash(calib),
-             json.dumps(method_params, sort_keys=True, default=str), storage_dtype_name(storage_dtype),
-             str(model_dtype), json.dumps(list(layers) if layers is not None else None)]
+    parts = [f"raypress-db-{FORMAT}", fingerprint, calib_hash(calib), method_params, storage_dtype_name(storage_dtype),
+             str(model_dtype), list(layers) if layers is not None else None]
     if storage_format != "dense":
         parts.append(f"storage={storage_format}")
-    for part in parts:
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()
+    return store.content_key(*parts)
 
 
 _PACKED_PARTS = ("codes", "scales", "zeros")
@@ -132,27 +121,12 @@ def packed_nbytes(n_levels: int, shape, group_size) -> int:
 
 def _dequantize_level(stored: dict, level: int) -> np.ndarray:
     """float32 [out, in] of one level of a packed dict (== the method's build output, bit for bit)."""
-    from .compress.quant import dequantize
-
     gs = stored.get("group_size", -1)
     return dequantize(stored["codes"][level], stored["scales"][level], stored["zeros"][level],
                       None if gs in (None, -1) else int(gs)).numpy()
 
 
-def _sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def _corrupt(path: Path, what: str) -> RayPressError:
-    return RayPressError(f"level database {path} is corrupt or incomplete ({what}); delete the folder "
-                         f"{path} and rebuild it with `raypress build-db`")
+_corrupt = store.corrupt
 
 
 # ----------------------------------------------------------------------------- building
@@ -186,7 +160,7 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
     arrays, zero, shapes, storage = {}, {}, {}, {}
     group_size, unpacked = None, 0
     itemsize = np.dtype(_DTYPES[sdt][1]).itemsize
-    with torch.no_grad(), _torch_threads(threads if dev.type == "cpu" else None):
+    with torch.no_grad(), torch_threads(threads if dev.type == "cpu" else None):
         for name, W in weights.items():
             st = stats.get(name, {}) or {}
             H = st.get("hessian")
@@ -251,26 +225,6 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
     return info
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
-
-
-def _clean_stale_tmp(root: Path, key: str) -> None:
-    for d in root.glob(f"{_TMP_PREFIX}{key[:16]}-*"):
-        try:
-            pid = int(d.name.split("-")[2])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(d, ignore_errors=True)
-
-
 def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cache_root=None,
                    storage_dtype="float16", device="cpu", batch_size: int = 8, layers=None,
                    progress: bool = True, verify=True, parallel=False, fingerprint: str | None = None,
@@ -321,13 +275,10 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
     want = tuple(w for w, flag in (("hessian", getattr(method, "needs_hessian", True)),
                                    ("norms", getattr(method, "needs_norms", False))) if flag)
 
-    root.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(root, key)
-    tmp = root / f"{_TMP_PREFIX}{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = store.new_tmp(root, key)
     t_start = time.perf_counter()
     t_calib = 0.0
-    threads_ctx = _torch_threads(threads)
+    threads_ctx = torch_threads(threads)
     threads_ctx.__enter__()
     bar = tqdm(total=len(all_layers), desc=f"{method.name} database", unit="layer", disable=not progress)
     infos: list[dict] = []
@@ -370,15 +321,8 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
         total = time.perf_counter() - t_start
         meta = _make_meta(key, spec, fingerprint, method, params, sdt, mdtype, calib, infos, all_layers,
                           t_calib, total)
-        with open(tmp / META, "w") as fh:
-            json.dump(meta, fh, indent=1)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / META).is_file():  # another process finished the same build first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return open_database(final, verify=verify)
-            raise
+        if not store.finalize(tmp, final, meta):  # another process finished the same build first
+            return open_database(final, verify=verify)
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -473,34 +417,6 @@ def _make_meta(key, spec, fingerprint, method, params, sdt, mdtype, calib, infos
 
 
 # ----------------------------------------------------------------------------- reading
-def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Read-only zero-copy numpy views of every tensor of a safetensors file (memory-mapped)."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError("truncated header")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise ValueError("bad header length")
-        header = json.loads(fh.read(n))
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dt = np.dtype(_ST_TO_NP[info["dtype"]])
-        s, e = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if base + e > size or e - s != dt.itemsize * int(np.prod(shape)):
-            raise ValueError(f"tensor {name} out of bounds")
-        arr = np.asarray(buf[base + s:base + e]).view(dt).reshape(shape)
-        arr.flags.writeable = False
-        out[name] = arr
-    return out
-
-
 class LevelDatabase:
     """All variants of all layers: ``variant(layer, level)`` -> read-only [out, in] numpy array.
 
@@ -557,7 +473,7 @@ class LevelDatabase:
             self._levels(layer)
             fname = self._file_of[layer]
             try:
-                maps = _map_safetensors(self.path / fname)
+                maps = store.map_safetensors(self.path / fname)
             except (OSError, ValueError, KeyError) as e:
                 raise _corrupt(self.path, f"{fname}: {e}") from None
             for n in [n for n, f in self._file_of.items() if f == fname]:
@@ -655,28 +571,10 @@ def open_database(path, verify=True) -> LevelDatabase:
     """Open a database folder. verify: True checks every file's sha256 (and size), "size" only
     sizes, False nothing. Corrupt or incomplete -> RayPressError naming the fix."""
     path = Path(path).expanduser()
-    mfile = path / META
-    if not mfile.is_file():
-        if not path.exists():
-            raise RayPressError(f"no level database at {path}; build one with `raypress build-db`")
-        raise _corrupt(path, "meta.json missing")
-    try:
-        meta = json.loads(mfile.read_text())
-        files = meta["files"]
-        for k in ("key", "layers", "n_params", "level_values", "shapes", "blocks", "storage_dtype"):
-            meta[k]
-    except (ValueError, KeyError, TypeError) as e:
-        raise _corrupt(path, f"unreadable meta.json: {e.__class__.__name__} {e}") from None
+    meta = store.read_meta(path, ("files", "key", "layers", "n_params", "level_values", "shapes", "blocks",
+                                  "storage_dtype"))
     if meta.get("format") != FORMAT:
         raise RayPressError(f"level database {path} has format {meta.get('format')}, this RayPress reads "
                             f"{FORMAT}; delete the folder and rebuild it with `raypress build-db`")
-    if verify:
-        for fname, info in files.items():
-            f = path / fname
-            if not f.is_file():
-                raise _corrupt(path, f"{fname} missing")
-            if f.stat().st_size != int(info["bytes"]):
-                raise _corrupt(path, f"{fname} has {f.stat().st_size} bytes, expected {info['bytes']}")
-            if verify != "size" and _sha256_file(f) != info["sha256"]:
-                raise _corrupt(path, f"{fname} sha256 mismatch")
+    store.verify_files(path, meta["files"], verify)
     return LevelDatabase(path, meta)

@@ -5,11 +5,9 @@ the CLI prints it as `raypress: error: <message>` and exits 2 (no traceback).
 
 Errors raised inside Ray actors / Tune trials come back wrapped (RayTaskError, TuneError, ...):
 `user_error(exc)` digs the RayPressError out of such a chain so it still prints as one line.
-An evaluator reports a user error as a result carrying `RESULT_KEY` (not as an exception), so
-Tune does not retry a deterministic mistake (it retries only crashed actors).
+An evaluator reports a user error as a result carrying `trial.RESULT_KEY` (not as an exception),
+so Tune does not retry a deterministic mistake (it retries only crashed actors).
 """
-
-RESULT_KEY = "raypress_error"  # a trial result with this key is a user error: stop, do not retry
 
 
 class RayPressError(Exception):

@@ -28,11 +28,9 @@ import torch
 from ray import tune
 
 from . import data as rp_data
-from .errors import RESULT_KEY, RayPressError
+from . import trial
+from .errors import RayPressError
 from .fitness import Teacher, kl_from_teacher, make_teacher, nll_sum
-from .search.batched import BATCH_KEY  # a trial config carrying several candidates
-
-META_KEYS = ("_rp_tokens", "_rp_generation", "_rp_stage", "_rp_seed")
 MODES = ("resident", "streamed", "device_map")
 TEACHER_MEMORY = ("device", "pinned")
 
@@ -80,13 +78,6 @@ def _oom_guard(fn):
             ) from None
 
     return wrapper
-
-
-def split_config(config: dict) -> tuple[dict[str, int], dict]:
-    """Tune trial config -> ({layer: level}, {meta})."""
-    levels = {k: int(v) for k, v in config.items() if not k.startswith("_rp_")}
-    meta = {k: config[k] for k in META_KEYS if k in config}
-    return levels, meta
 
 
 @dataclass
@@ -319,22 +310,17 @@ class Evaluator:
         return {"fitness": total / count, "tokens": int(ids.size), "changed": changed, "seconds": dt}
 
     def score_config(self, config: dict) -> dict:
-        """Score a Tune trial config (layers + _rp_* meta keys); a batch config (BATCH_KEY: several
-        candidates, search/batched.py) is scored candidate by candidate into one result."""
-        if BATCH_KEY in config:
-            results = [self.score_config(c) for c in config[BATCH_KEY]]
+        """Score a Tune trial config (raypress.trial: layers + meta keys); a batch config (trial.BATCH:
+        several candidates) is scored candidate by candidate into one result."""
+        if trial.BATCH in config:
+            results = [self.score_config(c) for c in config[trial.BATCH]]
             return {"fitness": min(r["fitness"] for r in results), "tokens": sum(r["tokens"] for r in results),
                     "changed": sum(r["changed"] for r in results), "seconds": sum(r["seconds"] for r in results),
                     "candidates": len(results),
-                    BATCH_KEY: [{"fitness": r["fitness"], "tokens": r["tokens"]} for r in results]}
-        levels, meta = split_config(config)
-        return self.score(
-            levels,
-            int(meta.get("_rp_tokens", 2048)),
-            int(meta.get("_rp_seed", 0)),
-            int(meta.get("_rp_generation", 0)),
-            int(meta.get("_rp_stage", 0)),
-        )
+                    trial.BATCH: [{"fitness": r["fitness"], "tokens": r["tokens"]} for r in results]}
+        levels, meta = trial.split(config)
+        return self.score(levels, int(meta[trial.TOKENS]), int(meta.get(trial.SEED, 0)),
+                          int(meta.get(trial.GENERATION, 0)), int(meta.get(trial.STAGE, 0)))
 
     @_oom_guard
     @torch.no_grad()
@@ -382,7 +368,7 @@ class EvaluatorTrainable(tune.Trainable):
     """A Tune trial = one candidate evaluation on a reused, model-holding actor."""
 
     # A user error (RayPressError: out of GPU memory, bad device, ...) is reported as a result
-    # carrying RESULT_KEY instead of raised: Tune would retry an exception (max_failures) although
+    # carrying trial.RESULT_KEY instead of raised: Tune would retry an exception (max_failures) although
     # it fails the same way every time; the runner's stopper ends the search and raises it.
     # Crashes (a killed actor, a segfault) still raise and are retried.
 
@@ -405,7 +391,7 @@ class EvaluatorTrainable(tune.Trainable):
             except RayPressError as e:
                 self._error = str(e)
         if self._error is not None:
-            return {"fitness": float("nan"), "tokens": 0, RESULT_KEY: self._error, "done": True}
+            return {"fitness": float("nan"), "tokens": 0, trial.RESULT_KEY: self._error, "done": True}
         result["done"] = True
         return result
 

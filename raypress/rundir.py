@@ -1,7 +1,8 @@
-"""Finished (or interrupted) search folders: export the best config, evaluate an export.
+"""Search folders: the resume state, finished results, export of the best config, evaluation of an export.
 
 A search folder (`raypress_runs/<name>-<time>/`) holds `raypress_state.json` (config + searcher
-state) and, once finished, `result.json` (best config, perplexities).
+state, rewritten atomically after every finished trial) and, once finished, `result.json` (best
+config, perplexities).
 """
 from __future__ import annotations
 
@@ -10,58 +11,73 @@ from pathlib import Path
 
 from .errors import RayPressError
 
+STATE_FILE = "raypress_state.json"
+RESULT_FILE = "result.json"
+
+
+def read_state(run_dir) -> dict:
+    """The resume state of an output folder; missing or unreadable -> RayPressError."""
+    out_dir = Path(run_dir)
+    f = out_dir / STATE_FILE
+    if not out_dir.is_dir():
+        raise RayPressError(
+            f"resume folder '{out_dir}' does not exist; pass the output folder of the interrupted search "
+            "(printed at its start, under output: e.g. raypress_runs/<run name>-<time>)"
+        )
+    if not f.is_file():
+        raise RayPressError(f"nothing to resume in {out_dir}: no {STATE_FILE} (was the search started there?)")
+    try:
+        state = json.loads(f.read_text())
+        if not (isinstance(state["run_name"], str) and isinstance(state["config"], dict)):
+            raise TypeError("run_name/config")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RayPressError(
+            f"{f} is unreadable ({type(e).__name__}: {str(e)[:80]}); it is written atomically, so it was "
+            "edited or damaged afterwards: restore it or start a new search"
+        ) from None
+    return state
+
 
 def load_run(run_dir) -> tuple[object, dict]:
     """(Config, best config) of a finished search folder."""
-    from .config import Config, _build, validate
-    from .runner import read_state
+    from .config import config_from_dict
 
     d = Path(run_dir)
     state = read_state(d)
-    res = d / "result.json"
+    res = d / RESULT_FILE
     if not res.is_file():
-        raise RayPressError(f"{d} has no result.json: the search did not finish; "
+        raise RayPressError(f"{d} has no {RESULT_FILE}: the search did not finish; "
                             f"resume it with `raypress search --resume {d}`")
-    return validate(_build(Config, state["config"])), json.loads(res.read_text())["best_config"]
+    return config_from_dict(state["config"]), json.loads(res.read_text())["best_config"]
 
 
 def export_run(run_dir, out_dir, overwrite: bool = False) -> Path:
-    """Write the best config of a finished search as a Hugging Face folder."""
+    """Write the best config of a finished search as a Hugging Face folder (its family's export)."""
     from .data import load_tokens, make_splits
-    from .families import prepare
+    from .families import get_family
     from .models import get_adapter, load_model
 
     cfg, best = load_run(run_dir)
+    family = get_family(cfg.family)
     model, tok = load_model(cfg.model)
     adapter = get_adapter(model)
     splits = make_splits(load_tokens(cfg.data.source, tok, cfg.data.max_tokens), cfg.data.seq_len,
                          cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
-    prep = prepare(cfg, model, adapter, splits.calib, cfg.model, serve=cfg.family == "width")
+    prep = family.prepare(cfg, model, adapter, splits.calib, serve=False)
     info = {"search_dir": str(Path(run_dir).resolve())}
-    if cfg.family == "width":
-        from .compress.width import export_width
-
-        return export_width(model, adapter, best, out_dir, applier=prep.applier, tokenizer=tok,
-                            overwrite=overwrite, extra_info=info)
-    from .export import export_model
-
-    return export_model(model, out_dir, family=cfg.family, levels=best, space=prep.space, db=prep.db,
-                        tokenizer=tok, source=cfg.model, overwrite=overwrite, extra_info=info)
+    return family.export(model, adapter, best, prep, out_dir, tokenizer=tok, source=cfg.model, overwrite=overwrite,
+                         extra_info=info)
 
 
 def load_any(path):
-    """Load a model folder: a width export, any other RayPress export, or a plain HF folder."""
+    """Load a model folder: a RayPress export (its family's loader) or a plain HF folder."""
     p = Path(path)
     info = p / "raypress.json"
     if info.is_file():
+        from .families import get_family
+
         meta = json.loads(info.read_text())
-        if str(meta.get("format", "")).startswith("raypress-width"):
-            from .compress.width import load_width_model
-
-            return load_width_model(p)
-        from .export import load_exported
-
-        return load_exported(p)[0]
+        return get_family(meta.get("family", "sparsity")).load_export(p)
     from .models import load_model
 
     return load_model(str(p))[0]

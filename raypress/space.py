@@ -2,14 +2,9 @@
 
 A config is a mapping ``{layer_name: level_index}`` (Tune trial configs may carry extra
 ``_rp_*`` keys, which are ignored here). Level values (sparsity, bits, kept ratio, 0/1 dropped)
-become exact integer costs
-
-    cost[l][k] = n_params[l] * round(level_values[l][k] * 1000)
-    budget     = round(target * 1000 * sum(n_params))
-
-and a config is feasible iff every level is in range and its cost equals the budget exactly.
-This module is the one place where the budget is checked; everything else (searchers,
-schedules, the runner) asks it.
+become exact integer costs (budget.py: the one place that defines costs, the budget and
+whether a target is reachable), and a config is feasible iff every level is in range and its
+cost equals the budget exactly. A SearchSpace owns one `Budget`; `verdict()` is its judgement.
 
 Internally configs are int64 numpy arrays in ``layers`` order (``config_to_array`` /
 ``array_to_config``); ``mutate``/``repair`` accept either form and return the form they got.
@@ -25,24 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .budget import SCALE, Budget, Verdict
 from .errors import RayPressError
-
-#: level values are compared on a 1/SCALE grid (0.001: 0.1% sparsity, 1/1000 bit)
-SCALE = 1000
-#: Tune trial configs carry these extra keys; they are not layers
-META_PREFIX = "_rp_"
-#: largest exact DP table (layers × reachable cost steps) we build for uniform()/repair()
-DP_LIMIT = 20_000_000
+from .trial import META_PREFIX
 
 
 def _as_rng(rng) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     return np.random.default_rng(rng)
-
-
-def _fmt_ladder(values) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 @dataclass
@@ -86,6 +72,7 @@ class SearchSpace:
         L = len(layers)
         self.n_levels = [len(v) for v in values]
         K = max(self.n_levels)
+        self._budget = Budget(n_params, values, target, layer_names=layers)
         self._index = {l: i for i, l in enumerate(layers)}
         self._rows = np.arange(L)
         self._nl = np.asarray(self.n_levels, dtype=np.int64)
@@ -95,7 +82,7 @@ class SearchSpace:
         self._valid = np.zeros((L, K), dtype=bool)
         for i, vals in enumerate(values):
             self._vals[i, : len(vals)] = vals
-            self._cost[i, : len(vals)] = [n_params[i] * int(round(v * SCALE)) for v in vals]
+            self._cost[i, : len(vals)] = self._budget.costs[i]
             self._valid[i, : len(vals)] = True
         # pad invalid slots with the last valid cost (never used: validity is always checked)
         for i, nl in enumerate(self.n_levels):
@@ -171,8 +158,20 @@ class SearchSpace:
     # ------------------------------------------------------------------ derived
     @property
     def budget(self) -> int:
-        # rounded once over the total, so targets like 4/30 blocks dropped are expressible
-        return int(round(self.target * SCALE * self._total))
+        return self._budget.budget
+
+    @property
+    def budget_model(self) -> Budget:
+        """The Budget (budget.py) of this space: costs, reduced units, reachability, exact solver."""
+        return self._budget
+
+    def verdict(self) -> Verdict:
+        """Whether the target is reachable exactly (budget.py's judgement, with the nearest targets)."""
+        return self._budget.verdict()
+
+    def require_reachable(self) -> None:
+        """RayPressError quoting the verdict when the target cannot be hit exactly."""
+        self._budget.require()
 
     @property
     def total_params(self) -> int:
@@ -313,20 +312,9 @@ class SearchSpace:
         }
 
     # ------------------------------------------------------------------ uniform
-    def _ladder_text(self) -> str:
-        first = self.level_values[0]
-        if all(v == first for v in self.level_values):
-            return _fmt_ladder(first)
-        return _fmt_ladder(first) + f" (layer '{self.layers[0]}'; ladders differ per layer)"
-
     def _unreachable_msg(self) -> str:
-        b = self.budget
-        if b < self._min_cost or b > self._max_cost:
-            lo, hi = self._min_cost / (SCALE * self._total), self._max_cost / (SCALE * self._total)
-            return (f"target {self.target:g} is outside what levels {self._ladder_text()} can reach "
-                    f"({lo:.4g}..{hi:.4g}); pick a target in that range")
-        return (f"target {self.target:g} is not reachable with levels {self._ladder_text()}; "
-                "pick a target on the ladder or a finer ladder")
+        return self.verdict().message or (f"target {self.target:g} cannot be hit exactly by these ladders; "
+                                          "pick another target")
 
     def _uniform_arr(self) -> np.ndarray:
         if self._uniform_cache is not None:
@@ -342,10 +330,9 @@ class SearchSpace:
             # no single level equals the target: the feasible mix closest to it, layer by layer
             share = self._n * int(round(self.target * SCALE))
             obj = np.abs(self._cost - share[:, None]).astype(np.float64) / self._n[:, None]
-            status, arr = self._dp(obj)
-            if status == "too_big":
-                start = np.argmin(np.where(self._valid, obj, np.inf), axis=1).astype(np.int64)
-                arr = self._repair_arr(start, np.random.default_rng(0), allow_dp=False)
+            arr, method = self._budget.solve(obj)
+            if method == "lagrangian" and self._cost_arr(arr) != self.budget:
+                arr = self._repair_arr(arr, np.random.default_rng(0), allow_dp=False)
             if arr is None:
                 raise RayPressError(self._unreachable_msg())
         self._uniform_cache = arr
@@ -358,60 +345,8 @@ class SearchSpace:
         return self.array_to_config(self._uniform_arr())
 
     def reachable(self) -> bool:
-        """Whether any feasible config exists (exact check when the DP table is small enough)."""
-        try:
-            self._uniform_arr()
-            return True
-        except RayPressError:
-            return False
-
-    # ------------------------------------------------------------------ exact DP (fallback)
-    def _dp(self, obj: np.ndarray) -> tuple[str, np.ndarray | None]:
-        """Feasible config minimizing Σ obj[l, k]. -> ("ok", arr) | ("unreachable", None) | ("too_big", None)."""
-        valid = self._valid
-        big = np.iinfo(np.int64).max
-        base = np.where(valid, self._cost, big).min(axis=1)
-        R = np.where(valid, self._cost - base[:, None], 0)
-        rem = self.budget - int(base.sum())
-        g = int(np.gcd.reduce(R.ravel())) if R.size else 0
-        g = math.gcd(g, abs(rem))
-        if rem < 0 or rem > int(R.max(axis=1).sum()):
-            return "unreachable", None
-        if g == 0:  # every cost fixed and rem == 0
-            return "ok", np.argmin(np.where(valid, obj, np.inf), axis=1).astype(np.int64)
-        if rem % g:
-            return "unreachable", None
-        r = R // g
-        T = rem // g
-        L, K = r.shape
-        if L * (T + 1) > DP_LIMIT:
-            return "too_big", None
-        best = np.full(T + 1, np.inf)
-        best[0] = 0.0
-        choice = np.zeros((L, T + 1), dtype=np.int16)
-        for l in range(L):
-            new = np.full(T + 1, np.inf)
-            ch = choice[l]
-            for k in range(self.n_levels[l]):
-                s = int(r[l, k])
-                if s > T:
-                    continue
-                cand = np.full(T + 1, np.inf)
-                cand[s:] = best[: T + 1 - s] + obj[l, k]
-                better = cand < new
-                new[better] = cand[better]
-                ch[better] = k
-            best = new
-        if not np.isfinite(best[T]):
-            return "unreachable", None
-        arr = np.zeros(L, dtype=np.int64)
-        t = T
-        for l in range(L - 1, -1, -1):
-            k = int(choice[l, t])
-            arr[l] = k
-            t -= int(r[l, k])
-        assert t == 0 and self._cost_arr(arr) == self.budget
-        return "ok", arr
+        """Whether any feasible config exists (the budget's verdict)."""
+        return self.verdict().ok
 
     # ------------------------------------------------------------------ level switches
     def _pair_order(self, S: int) -> np.ndarray:
@@ -508,6 +443,11 @@ class SearchSpace:
                 arr[m] -= s * (c + 1)
                 return True
         return False
+
+    def switch_(self, arr: np.ndarray, rng, max_step: int = 4, three_way: float = 0.0) -> None:
+        """One budget-preserving level switch on a config array, in place (searchers' hot path);
+        RayPressError when no switch exists from `arr`."""
+        self._switch(arr, _as_rng(rng), max_step, three_way)
 
     def mutate(self, config, rng, n_switches: int = 1, max_step: int = 4, three_way: float = 0.0):
         """Apply `n_switches` budget-preserving level switches (returns a new config; the same
@@ -621,8 +561,9 @@ class SearchSpace:
             return None
         # exact fallback: the feasible config with the fewest level steps away from the input
         obj = np.abs(np.arange(self._cost.shape[1])[None, :] - start[:, None]).astype(np.float64)
-        status, res = self._dp(obj)
-        return res if status == "ok" else None
+        obj = [o[:nl] for o, nl in zip(obj, self.n_levels)]
+        res, method = self._budget.solve(obj)
+        return res if res is not None and self._cost_arr(res) == self.budget else None
 
     def repair(self, config, rng=None):
         """Nearest feasible config: greedy single-level moves on the layers whose cost steps best
@@ -639,9 +580,3 @@ class SearchSpace:
                 "ladder/target); pick a target on the ladder grid or a coarser ladder"
             )
         return self._out(res, config)
-
-    # ------------------------------------------------------------------ Tune
-    def to_tune_space(self) -> dict:
-        from ray import tune
-
-        return {l: tune.randint(0, n) for l, n in zip(self.layers, self.n_levels)}

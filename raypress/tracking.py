@@ -245,10 +245,6 @@ class Tracker:
             self.client.set_terminated(self.run_id, "KILLED")
             self.closed = True
 
-    @property
-    def url_hint(self) -> str:
-        return f"{self.uri} (experiment {self.experiment_id}, run {self.run_id})"
-
 
 @contextmanager
 def tracked(tracker: Tracker):

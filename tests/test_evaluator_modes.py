@@ -21,7 +21,8 @@ from raypress.errors import RayPressError
 from raypress.evaluator import Evaluator, EvaluatorSpec
 from raypress.families import dense_levels
 from raypress.models import Gemma3Adapter, get_adapter, load_model
-from raypress.search.batched import BATCH_KEY, BatchedSearcher, candidates_per_trial
+from raypress.search.batched import BatchedSearcher, candidates_per_trial
+from raypress.trial import BATCH as BATCH_KEY
 from raypress.search.evolution import EvoPressSearcher
 from raypress.space import SearchSpace
 
@@ -163,10 +164,10 @@ def test_batched_searcher_limit_and_auto_size():
     while (cfg := s.suggest(f"t{len(sizes)}")) != Searcher.FINISHED:
         sizes.append(len(cfg[BATCH_KEY]))
     assert sizes == [4, 4, 2]
-    assert candidates_per_trial("auto", "evopress", 12, 1) == 13
-    assert candidates_per_trial("auto", "evopress", 12, 2) == 7
-    assert candidates_per_trial("auto", "tpe", 12, 2) == 1
-    assert candidates_per_trial(3, "tpe", 12, 2) == 3
+    assert candidates_per_trial("auto", True, 12, 1) == 13
+    assert candidates_per_trial("auto", True, 12, 2) == 7
+    assert candidates_per_trial("auto", False, 12, 2) == 1
+    assert candidates_per_trial(3, False, 12, 2) == 3
 
 
 def test_config_keys_validated():

@@ -10,7 +10,8 @@ from raypress.compress.depth import DepthApplier, depth_space
 from raypress.compress.quant import RTN
 from raypress.compress.swap import WeightSwapApplier
 from raypress.errors import RayPressError
-from raypress.export import export_model, load_exported, read_export_info
+from raypress.export import load_exported, read_export_info
+from raypress.families import export_model
 from raypress.fitness import perplexity
 from raypress.models import get_adapter
 from raypress.space import SearchSpace

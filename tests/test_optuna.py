@@ -83,7 +83,7 @@ def test_sequential_encoding_is_exactly_feasible(target):
     for c in cfgs:
         assert_feasible_suggestion(space, c, seed=2)
     with pytest.raises(RayPressError, match="shift"):
-        make_optuna_searcher(space, sampler="cmaes", encoding="sequential")
+        make_optuna_searcher(space, sampler="cmaes", encoding="sequential", n_tokens=512)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.6, 0.7])
@@ -126,7 +126,7 @@ def test_interval_fallback_still_feasible():
 def test_tpe_improves_over_its_random_start():
     space = smol_space(2, 0.6)
     f = objective(space, seed=4)
-    s = make_optuna_searcher(space, sampler="tpe", seed=0)
+    s = make_optuna_searcher(space, sampler="tpe", seed=0, n_tokens=512)
     fits, _ = run(s, space, f, 120)
     first = fits[:10]  # TPE's n_startup_trials random samples
     assert fits[10:].min() < first.min() - 0.02
@@ -144,7 +144,7 @@ def test_tpe_window_caps_the_above_set_and_survives_a_resume():
 
     space = smol_space(2, 0.6)
     f = objective(space, seed=4)
-    s = make_optuna_searcher(space, sampler="tpe", seed=0, sampler_kwargs={"max_above": 8})
+    s = make_optuna_searcher(space, sampler="tpe", seed=0, sampler_kwargs={"max_above": 8}, n_tokens=512)
     sampler = s._ot_study.sampler
     assert isinstance(sampler, WindowedTPESampler)
     seen = []
@@ -162,14 +162,14 @@ def test_tpe_window_caps_the_above_set_and_survives_a_resume():
     above = [(n, last) for below, n, last in seen if not below]
     assert above and max(n for n, _ in above) == 8  # capped, and the cap is reached
     assert above[-1][1] >= 30  # the window holds the newest trials, not the oldest
-    b = make_optuna_searcher(space, sampler="tpe", seed=0)
-    b.set_state(json.loads(json.dumps(s.get_state())))  # the windowed sampler passes the allow-list
-    assert isinstance(b._ot_study.sampler, WindowedTPESampler) and b._ot_study.sampler._max_above == 8
+    b = make_optuna_searcher(space, sampler="tpe", seed=0, n_tokens=512,
+                             state=json.loads(json.dumps(s.get_state())))  # the windowed sampler passes the allow-list
+    assert isinstance(b.study.sampler, WindowedTPESampler) and b.study.sampler._max_above == 8
 
 
 def test_initial_config_is_evaluated_first():
     space = smol_space(2, 0.5)
-    s = make_optuna_searcher(space, sampler="tpe", seed=0, initial=space.uniform())
+    s = make_optuna_searcher(space, sampler="tpe", seed=0, initial=space.uniform(), n_tokens=512)
     c = s.suggest("a")
     assert {l: c[l] for l in space.layers} == space.uniform()
 
@@ -180,7 +180,7 @@ def test_state_round_trip_continues_identically(sampler):
         pytest.importorskip("cmaes")
     space = smol_space(2, 0.5)
     f = objective(space)
-    a = make_optuna_searcher(space, sampler=sampler, seed=3)
+    a = make_optuna_searcher(space, sampler=sampler, seed=3, n_tokens=512)
     run(a, space, f, 20)
     a.get_state()  # the runner saves after every trial: later states reuse these trials' rows
     run(a, space, f, 20, start=20)
@@ -189,8 +189,7 @@ def test_state_round_trip_continues_identically(sampler):
     assert json.loads(json.dumps(a.get_state())) == state  # reused rows == rows built afresh
     if sampler == "cmaes":  # only the newest trial with an optimizer snapshot keeps it
         assert sum(any(k.startswith("cma:optimizer") for k in t["system_attrs"]) for t in state["trials"]) == 1
-    b = make_optuna_searcher(space, sampler=sampler, seed=3)
-    b.set_state(state)
+    b = make_optuna_searcher(space, sampler=sampler, seed=3, n_tokens=512, state=state)
     assert b.best_fitness == a.best_fitness and b.best_config == a.best_config and b.history == a.history
     fa, ca = run(a, space, f, 15, start=40)
     fb, cb = run(b, space, f, 15, start=40)
@@ -200,14 +199,16 @@ def test_state_round_trip_continues_identically(sampler):
 def test_bad_inputs_raise_one_line_errors():
     space = smol_space(1, 0.5)
     with pytest.raises(RayPressError, match="choose one of"):
-        make_optuna_searcher(space, sampler="nope")
+        make_optuna_searcher(space, sampler="nope", n_tokens=512)
     bad = SearchSpace(layers=["a.0.x"], n_params=[7], level_values=[list(LEVELS)], target=0.55)
     with pytest.raises(RayPressError):
-        make_optuna_searcher(bad)
+        make_optuna_searcher(bad, n_tokens=512)
 
 
-def test_through_ray_tune_without_param_space(ray_session, tmp_path):
+def test_through_ray_tune_with_the_runs_param_space(ray_session, tmp_path):
     from ray import tune
+
+    from raypress.trial import tune_space
 
     space = smol_space(1, 0.6)
     layers = list(space.layers)
@@ -221,6 +222,7 @@ def test_through_ray_tune_without_param_space(ray_session, tmp_path):
     s = make_optuna_searcher(space, sampler="tpe", seed=0, n_tokens=64)
     res = tune.Tuner(
         trainable,
+        param_space=tune_space(space),  # what the runner hands Tune: the searcher checks it is its space
         tune_config=tune.TuneConfig(search_alg=s, num_samples=6, metric="fitness", mode="min"),
         run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
     ).fit()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from raypress.compress import get_method
-from raypress.compress.sparsity import _torch_threads
+from raypress.compress.base import torch_threads
 from raypress.compress.quant import GPTQ, RTN
 from raypress.compress.swap import WeightSwapApplier
 from raypress.database import _map_safetensors, build_database, database_key, open_database, packed_nbytes
@@ -95,7 +95,7 @@ def test_variants_equal_build_exactly(built):
     m = _gptq()
     # the database compresses with one torch thread (build_block): GPTQ's matmuls round differently
     # with another thread count, so the reference build() runs with one thread too
-    with _torch_threads(1):
+    with torch_threads(1):
         _check_variants(db, dense, inputs, m)
     with pytest.raises(RayPressError):
         db.variant(db.layers[0], len(BITS))

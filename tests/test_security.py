@@ -101,13 +101,13 @@ def test_optuna_state_with_a_malicious_sampler_is_refused(tmp_path):
 def test_local_ray_has_no_dashboard_on_the_network(monkeypatch):
     import ray
 
-    from raypress import runner
+    from raypress import ray_env
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    runner.ensure_ray(None)
+    ray_env.ensure_ray(None)
     (kw,) = calls
     assert kw.get("include_dashboard") is False and kw.get("dashboard_host") == "127.0.0.1"
 

@@ -223,9 +223,14 @@ def test_arrays_describe_and_tune_space(smol):
     assert d["feasible"] and d["mean_value"] == pytest.approx(0.6)
     assert list(d["values"]) == smol.layers and d["values"][smol.layers[0]] == LEVELS[cfg[smol.layers[0]]]
     assert set(d["by_kind"]) == set(SMOL)
-    ts = smol.to_tune_space()
+    from raypress.trial import check_tune_space, tune_space
+
+    ts = tune_space(smol)
     assert list(ts) == smol.layers
     assert ts[smol.layers[0]].lower == 0 and ts[smol.layers[0]].upper == 10
+    check_tune_space(smol, ts)  # the space a run hands Tune is the searcher's own
+    with pytest.raises(RayPressError, match="param_space"):
+        check_tune_space(smol, dict(list(ts.items())[1:]))
     assert SearchSpace.from_dict(smol.to_dict()).fingerprint() == smol.fingerprint()
 
 

@@ -6,9 +6,25 @@ turns values into exact integer costs (see space.py), so budgets are checked exa
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 
 import torch
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Temporarily run torch CPU ops with n intra-op threads (process-wide setting; None: unchanged).
+    The column loops of SparseGPT / GPTQ are small ops: with 2+ OpenMP threads they mostly wait."""
+    old = torch.get_num_threads()
+    if not n or n == old:
+        yield
+        return
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class CompressionMethod(ABC):

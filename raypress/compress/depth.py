@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from raypress.compress.base import Applier
 from raypress.errors import RayPressError
+from raypress.trial import META_PREFIX
 
 GRANULARITIES = ("sublayer", "block")
 METRICS = ("cosine", "angular")
@@ -41,7 +42,7 @@ def _n_blocks(adapter) -> int:
     return len(adapter.blocks())
 
 
-def _mlp_rel(adapter) -> str:
+def mlp_unit_name(adapter) -> str:
     """Relative name of the MLP unit inside a block ("mlp"; OPT: virtual "mlp" over fc1/fc2)."""
     return adapter.mlp_name or "mlp"
 
@@ -55,7 +56,7 @@ def depth_units(adapter, granularity: str = "sublayer") -> list[str]:
     if granularity == "block":
         return [f"{prefix}.{i}" for i in range(n)]
     _check_sublayer_support(adapter)
-    return [f"{prefix}.{i}.{sub}" for i in range(n) for sub in (adapter.attn_name, _mlp_rel(adapter))]
+    return [f"{prefix}.{i}.{sub}" for i in range(n) for sub in (adapter.attn_name, mlp_unit_name(adapter))]
 
 
 def _check_sublayer_support(adapter) -> None:
@@ -69,7 +70,7 @@ def _check_sublayer_support(adapter) -> None:
                                 "can drop; use granularity 'block'")
 
 
-def _block_index(adapter, unit: str) -> tuple[int, str | None]:
+def block_index(adapter, unit: str) -> tuple[int, str | None]:
     """'model.layers.3.mlp' -> (3, 'mlp'); 'model.layers.3' -> (3, None)."""
     prefix = adapter.block_prefix + "."
     if not unit.startswith(prefix):
@@ -84,52 +85,30 @@ def _block_index(adapter, unit: str) -> tuple[int, str | None]:
     if not 0 <= idx < n:
         raise RayPressError(f"depth unit '{unit}' names block {idx} but the model has {n} blocks")
     sub = rest[1] if len(rest) > 1 else None
-    if sub is not None and sub not in (adapter.attn_name, _mlp_rel(adapter)):
+    if sub is not None and sub not in (adapter.attn_name, mlp_unit_name(adapter)):
         raise RayPressError(f"depth unit '{unit}': '{sub}' is neither the attention ('{adapter.attn_name}') nor "
-                            f"the MLP ('{_mlp_rel(adapter)}') of block {idx}")
+                            f"the MLP ('{mlp_unit_name(adapter)}') of block {idx}")
     if sub is not None:
         _check_sublayer_support(adapter)
     return idx, sub
 
 
 # ----------------------------------------------------------------------------- space
-def _make_space(units: list[str], fraction: float):
+def depth_space(adapter, fraction: float, granularity: str = "sublayer"):
+    """SearchSpace over depth units; `fraction` = share of units dropped (a whole number of units:
+    an unreachable fraction is refused with the budget's nearest reachable targets)."""
     from raypress.space import SearchSpace
 
-    n = len(units)
-    return SearchSpace(layers=list(units), n_params=[1] * n, level_values=[[0.0, 1.0] for _ in range(n)],
-                       target=float(fraction))
-
-
-def _space_budget(space) -> int:
-    b = getattr(space, "budget", None)
-    if b is None:
-        return int(round(space.target * 1000)) * int(sum(space.n_params))
-    return int(b() if callable(b) else b)
-
-
-def depth_space(adapter, fraction: float, granularity: str = "sublayer"):
-    """SearchSpace over depth units; `fraction` = share of units dropped (must be a whole count)."""
     units = depth_units(adapter, granularity)
     n = len(units)
     fraction = float(fraction)
     if not 0.0 <= fraction <= 1.0:
         raise RayPressError(f"depth target {fraction} is not a fraction of units in [0, 1]; "
                             f"e.g. 0.25 drops a quarter of the {n} {granularity} units")
-    space = _make_space(units, fraction)
-    budget = _space_budget(space)
-    if budget % 1000 == 0 and round(fraction * n, 6) == budget // 1000:
-        return space
-    valid = [k for k in range(n + 1) if _space_budget(_make_space(units, k / n)) == 1000 * k]
-    below = [k for k in valid if k / n < fraction]
-    above = [k for k in valid if k / n > fraction]
-    near = ([below[-1]] if below else []) + ([above[0]] if above else [])
-    hint = " or ".join(f"{k / n:.6g} ({k} units)" for k in near) or "none"
-    k = fraction * n
-    why = (f"{k:.0f} of {n} units is not on the search space's 1/1000 budget grid" if abs(k - round(k)) < 1e-9
-           else f"it drops {k:.3f} of the {n} {granularity} units, not a whole number")
-    raise RayPressError(f"depth target {fraction:g} is not reachable exactly ({why}); "
-                        f"nearest valid targets: {hint}")
+    space = SearchSpace(layers=list(units), n_params=[1] * n, level_values=[[0.0, 1.0] for _ in range(n)],
+                        target=fraction)
+    space.require_reachable()
+    return space
 
 
 # ----------------------------------------------------------------------------- drop mechanics
@@ -196,7 +175,7 @@ def _identity_block(block, attn_name):
 
 def unit_targets(adapter, unit: str) -> list[tuple[torch.nn.Module, object]]:
     """[(module, replacement forward)] that together drop `unit`."""
-    idx, sub = _block_index(adapter, unit)
+    idx, sub = block_index(adapter, unit)
     block = adapter.blocks()[idx]
     if sub is None:
         return [(block, _identity_block(block, adapter.attn_name))]
@@ -260,7 +239,7 @@ class DepthApplier(Applier):
     def _wanted(self, levels: dict) -> set[str]:
         want = set()
         for unit, level in levels.items():
-            if unit.startswith("_rp_"):
+            if unit.startswith(META_PREFIX):
                 continue
             if level not in (0, 1):
                 raise RayPressError(f"depth level for '{unit}' is {level}; depth levels are 0 (kept) or 1 (dropped)")
@@ -338,7 +317,7 @@ def shortgpt_scores(model, adapter, calib_tokens, unit: str = "block", metric: s
                 return
             a, m = cur.pop(("attn", i)), cur.pop(("mlp", i))
             for sub, (x, y) in ((adapter.attn_name, (h_in, h_in + a.view(h_in.shape))),
-                                (_mlp_rel(adapter), (h_out - m.view(h_out.shape), h_out))):
+                                (mlp_unit_name(adapter), (h_out - m.view(h_out.shape), h_out))):
                 s, n = _score(x, y, metric)
                 u = f"{adapter.block_prefix}.{i}.{sub}"
                 sums[u] += s
@@ -382,10 +361,8 @@ def shortgpt_config(space, scores: dict[str, float]) -> dict[str, int]:
     if any(n != 1 for n in space.n_params) or any(list(v) != [0.0, 1.0] for v in space.level_values):
         raise RayPressError("shortgpt_config needs a depth space (levels [0.0, 1.0], unit weights 1); "
                             "build it with raypress.compress.depth.depth_space")
-    budget = _space_budget(space)
-    if budget % 1000:
-        raise RayPressError(f"depth target {space.target} is not a whole number of units; see depth_space")
-    k = budget // 1000
+    space.require_reachable()
+    k = space.budget // 1000  # units weigh 1: the budget is 1000 x the units dropped
     order = sorted(range(len(space.layers)), key=lambda i: (scores[space.layers[i]], -i))
     drop = {space.layers[i] for i in order[:k]}
     config = {u: int(u in drop) for u in space.layers}

@@ -33,6 +33,7 @@ import torch
 
 from raypress.compress.base import CompressionMethod
 from raypress.errors import RayPressError
+from raypress.hessian import damp_, inverse_cholesky_upper
 
 _FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
 
@@ -272,25 +273,15 @@ class GPTQ(_QuantBase):
         if H.shape != (cols, cols):
             raise RayPressError(f"Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}; "
                                 "pass H = 2 X Xᵀ of this layer's input ([in, in])")
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
+        dead = damp_(H, self.percdamp)
         W[:, dead] = 0
         W_nat = W
         perm = None
-        if self.act_order:
+        if self.act_order:  # the damping is a constant diagonal shift: permuting after it is the same
             perm = torch.argsort(torch.diag(H), descending=True)
             W = W[:, perm]
             H = H[perm][:, perm]
-        damp = self.percdamp * torch.mean(torch.diag(H))
-        idx = torch.arange(cols, device=W.device)
-        H[idx, idx] += damp
-        try:
-            L = torch.linalg.cholesky(H)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-        except RuntimeError as e:  # torch.linalg.LinAlgError subclasses RuntimeError
-            raise RayPressError(f"GPTQ: Hessian is not positive definite even after {self.percdamp} damping "
-                                f"({e.__class__.__name__}); raise percdamp (e.g. 0.05) or use more "
-                                "calibration tokens") from None
+        Hinv = inverse_cholesky_upper(H, "GPTQ", self.percdamp)
         return W_nat, W, Hinv, perm
 
     def _quantize(self, weight, hessian, bits):

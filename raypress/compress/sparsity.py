@@ -43,13 +43,13 @@ constant). Magnitude: drop the ``round(numel * s)`` smallest ``|W_ij|`` of the w
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
-from raypress.compress.base import CompressionMethod
+from raypress.compress.base import CompressionMethod, torch_threads
 from raypress.errors import RayPressError
+from raypress.hessian import damp_, inverse_cholesky_upper
 
 DEFAULT_LEVELS = tuple(round(0.1 * i, 10) for i in range(10))
 
@@ -100,20 +100,6 @@ def _smallest_mask(score: torch.Tensor, ks: list[int]) -> torch.Tensor:
             if k > 0:
                 mask[l, torch.topk(score[l], k, largest=False, sorted=False).indices] = True
     return mask
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """Temporarily run torch CPU ops with n intra-op threads (process-wide setting)."""
-    old = torch.get_num_threads()
-    if not n or n == old:
-        yield
-        return
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class _SparsityBase(CompressionMethod):
@@ -221,17 +207,8 @@ class SparseGPT(_SparsityBase):
         if p is not None and p[0] is hessian and p[1] == hessian._version and p[2] == device:
             return p[3], p[4]
         H = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1
-        damp = self.percdamp * torch.mean(torch.diagonal(H))
-        torch.diagonal(H).add_(damp)
-        try:
-            L = torch.linalg.cholesky(H)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-        except RuntimeError as e:  # torch.linalg.LinAlgError subclasses RuntimeError
-            raise RayPressError(f"SparseGPT: Hessian is not positive definite even after {self.percdamp} damping "
-                                f"({e.__class__.__name__}); raise percdamp (e.g. 0.05) or use more "
-                                "calibration tokens") from None
+        dead = damp_(H, self.percdamp)
+        Hinv = inverse_cholesky_upper(H, "SparseGPT", self.percdamp)
         self._prep = (hessian, hessian._version, device, Hinv, dead)
         return Hinv, dead
 
@@ -248,7 +225,7 @@ class SparseGPT(_SparsityBase):
             return out
         Hinv, dead = self.prepare(hessian, cols, W0.device)
         per = max(1, self.max_batch_bytes // max(1, rows * cols * 4))
-        with _torch_threads(self.cpu_threads if W0.device.type == "cpu" else None):
+        with torch_threads(self.cpu_threads if W0.device.type == "cpu" else None):
             for c in range(0, len(todo), per):
                 chunk = todo[c:c + per]
                 res = self._prune([vals[i] for i in chunk], W0, Hinv, dead)

@@ -21,6 +21,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ..errors import RayPressError
 from .base import Applier
 
 
@@ -77,8 +78,6 @@ class WeightSwapApplier(Applier):
         linears = adapter.linear_layers()
         missing = [n for n in self.refs if n not in linears]
         if missing:
-            from ..errors import RayPressError
-
             raise RayPressError(
                 f"the level database has layers the model lacks (e.g. {missing[0]}); "
                 "rebuild the database for this model with `raypress build-db`"
@@ -117,10 +116,9 @@ class WeightSwapApplier(Applier):
         stored = self._stored(layer)
         if self.decode is not None:
             arr = self.decode(stored, level)
-        elif isinstance(stored, dict):  # packed codes without a decoder: the generic dequantizer
-            from ..database import _dequantize_level
-
-            arr = _dequantize_level(stored, level)
+        elif isinstance(stored, dict):
+            raise RayPressError(f"layer {layer} is stored packed but the applier has no decoder; build it with "
+                                "WeightSwapApplier(refs, decode=method.decode_stored)")
         else:
             arr = stored[level]
         return _as_tensor(arr, self._dense[layer])

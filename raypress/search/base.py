@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 from ray.tune.search import Searcher
 
-from ..errors import RESULT_KEY, RayPressError
+from .. import trial
+from ..errors import RayPressError
 
 log = logging.getLogger("raypress")
-
-META_KEYS = ("_rp_tokens", "_rp_generation", "_rp_stage", "_rp_seed")
 
 
 def make_rng(seed: int) -> np.random.Generator:
@@ -42,18 +41,75 @@ def _num(x):
     return None if x is None else float(x)
 
 
+class RetryQueue:
+    """A searcher's candidates by index: waiting (re-queued failures first), in flight (by trial id)
+    and failure counts. A failed trial re-queues its candidate up to `max_retries` times, so a
+    crashed evaluator never costs a generation; a restored queue hands the trials that were in
+    flight at save time out first (their results died with the old Tune run)."""
+
+    def __init__(self, max_retries: int = 3):
+        self.max_retries = int(max_retries)
+        self.reset()
+
+    def reset(self, indices=()) -> None:
+        self.pending: list[int] = [int(i) for i in indices]
+        self.in_flight: dict[str, int] = {}
+        self.retries: dict[int, int] = {}
+
+    def hand_out(self, trial_id: str, index: int | None = None) -> int | None:
+        """The next waiting candidate (or `index`) now runs as `trial_id`; None when none waits."""
+        if index is None:
+            if not self.pending:
+                return None
+            index = self.pending.pop(0)
+        self.in_flight[str(trial_id)] = int(index)
+        return int(index)
+
+    def finish(self, trial_id: str) -> int | None:
+        """The candidate trial `trial_id` ran (None: not ours, e.g. from before a restore)."""
+        return self.in_flight.pop(str(trial_id), None)
+
+    def retry(self, index: int) -> bool:
+        """Count a failure; True when the candidate was re-queued (False: it has failed too often)."""
+        n = self.retries[index] = self.retries.get(index, 0) + 1
+        if n <= self.max_retries:
+            self.pending.insert(0, index)
+            return True
+        return False
+
+    def forget(self, index: int) -> None:
+        self.retries.pop(index, None)
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and not self.in_flight
+
+    def state(self) -> dict:
+        return {"pending": list(self.pending), "in_flight": [[t, i] for t, i in self.in_flight.items()],
+                "retries": [[i, n] for i, n in self.retries.items()]}
+
+    def restore(self, state: dict) -> None:
+        self.pending = [int(i) for _, i in state["in_flight"]] + [int(i) for i in state["pending"]]
+        self.in_flight = {}
+        r = state.get("retries", [])
+        if r and not isinstance(r[0], (list, tuple)):  # states written before the queue: one count per index
+            r = [[i, n] for i, n in enumerate(r) if n]
+        self.retries = {int(i): int(n) for i, n in r}
+
+
 class RayPressSearcher(Searcher):
     """Base: space, seed, metric/mode, trial-config building, result parsing, history, JSON state."""
 
     kind = "base"
 
-    def __init__(self, space, *, seed: int = 0, metric: str = "fitness", mode: str = "min", max_retries: int = 3):
+    def __init__(self, space, *, seed: int = 0, metric: str = trial.METRIC, mode: str = "min", max_retries: int = 3):
         if mode not in ("min", "max"):
             raise RayPressError(f"mode must be 'min' or 'max', got {mode!r}")
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.seed = int(seed)
         self.max_retries = int(max_retries)
+        self.queue = RetryQueue(max_retries)
         self.rng = make_rng(self.seed)
         self.history: list[dict] = []
         self._history_sent = 0
@@ -68,7 +124,8 @@ class RayPressSearcher(Searcher):
 
     # ------------------------------------------------------------------ Tune hooks
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        """Accept Tune's metric/mode; no param space is needed (the space is ours)."""
+        """Accept Tune's metric/mode and its param_space, which must be our space (trial.tune_space)."""
+        trial.check_tune_space(self.space, config)
         if metric:
             self._metric = metric
         if mode:
@@ -89,15 +146,13 @@ class RayPressSearcher(Searcher):
         return self._elapsed_before + (time.monotonic() - self._t0 if self._t0 is not None else 0.0)
 
     def _trial_config(self, arr: np.ndarray, tokens: int, generation: int, stage: int) -> dict:
-        cfg = self.space.array_to_config(arr)
-        cfg.update({"_rp_tokens": int(tokens), "_rp_generation": int(generation), "_rp_stage": int(stage),
-                    "_rp_seed": self.seed})
-        return cfg
+        return trial.trial_config(self.space.array_to_config(arr), tokens=tokens, generation=generation,
+                                  stage=stage, seed=self.seed)
 
     def _fitness(self, result, error: bool) -> float | None:
         """Metric of a finished trial, or None when the trial failed (error / no result / no metric).
         NaN fitness counts as the worst possible (+inf in min mode)."""
-        if error or not result or result.get(RESULT_KEY):  # RESULT_KEY: a user error, the search stops
+        if error or not result or result.get(trial.RESULT_KEY):  # a user error: the search stops
             return None
         v = result.get(self._metric or "fitness")
         if v is None:
@@ -150,6 +205,7 @@ class RayPressSearcher(Searcher):
             "failures": self.failures,
             "elapsed": self.wall_time(),
             "finished": self.finished,
+            **self.queue.state(),
         }
 
     def _set_base_state(self, state: dict) -> None:
@@ -165,6 +221,8 @@ class RayPressSearcher(Searcher):
         self._metric = state.get("metric") or self._metric
         self._mode = state.get("mode") or self._mode
         self.max_retries = int(state.get("max_retries", self.max_retries))
+        self.queue = RetryQueue(self.max_retries)
+        self.queue.restore(state)
         self.rng = make_rng(self.seed)
         set_rng_state(self.rng, state["rng"])
         self.history = [dict(h) for h in state["history"]]

@@ -5,7 +5,7 @@ callbacks) no matter how long the evaluation takes. On a GPU a SmolLM2 candidate
 sizes (512-2048 tokens) is scored in a few milliseconds too, so one candidate per trial spends a
 large share of the time in Tune. `BatchedSearcher` wraps any Searcher (EvoPress, random, Optuna):
 it asks the inner searcher for up to `batch` candidates and hands them to Tune as ONE trial config
-``{"_rp_batch": [cfg, ...]}``; the evaluator scores them one after another (reusing its swapped
+``{trial.BATCH: [cfg, ...]}``; the evaluator scores them one after another (reusing its swapped
 layers between them) and reports each candidate's fitness under the same key, which the wrapper
 passes back to the inner searcher candidate by candidate. A failed trial re-queues all of its
 candidates (the inner searcher's own retry logic). The inner searcher keeps its state, history and
@@ -21,7 +21,7 @@ import math
 
 from ray.tune.search import Searcher
 
-BATCH_KEY = "_rp_batch"
+from ..trial import BATCH
 
 
 class BatchedSearcher(Searcher):
@@ -64,15 +64,15 @@ class BatchedSearcher(Searcher):
         if not cfgs:
             return Searcher.FINISHED if self._done else None
         self._subs[str(trial_id)] = subs
-        return {BATCH_KEY: cfgs}
+        return {BATCH: cfgs}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         subs = self._subs.pop(str(trial_id), [])
-        per = None if (error or not result) else result.get(BATCH_KEY)
-        common = {k: v for k, v in (result or {}).items() if k != BATCH_KEY}
+        per = None if (error or not result) else result.get(BATCH)
+        common = {k: v for k, v in (result or {}).items() if k != BATCH}
         for k, sid in enumerate(subs):
             if per is not None and k < len(per):
                 self.inner.on_trial_complete(sid, {**common, **per[k]}, error=False)
@@ -98,12 +98,13 @@ class BatchedSearcher(Searcher):
         return getattr(self.inner, name)
 
 
-def candidates_per_trial(setting, searcher: str, offspring: int, n_evaluators: int) -> int:
+def candidates_per_trial(setting, batched: bool, offspring: int, n_evaluators: int) -> int:
     """`evaluator.candidates_per_trial`: an int, or "auto" = a stage's first-step candidates
-    (offspring + parent) spread over the evaluators for EvoPress / random search; 1 for the
-    model-based Optuna samplers (each suggestion should see the previous results)."""
+    (offspring + parent) spread over the evaluators for searchers whose registry trait `batched` is
+    set (EvoPress, random); 1 for the others (model-based samplers: each suggestion should see the
+    previous results)."""
     if setting != "auto":
         return max(1, int(setting))
-    if searcher in ("evopress", "random"):
+    if batched:
         return max(1, math.ceil((offspring + 1) / max(1, n_evaluators)))
     return 1

@@ -61,9 +61,9 @@ class EvoPressSearcher(RayPressSearcher):
         self.three_way = float(three_way)
         if initial is not None:
             parent = space.config_to_array(initial)
-            if space._cost_arr(parent) != space.budget:
+            if not space.is_feasible(parent):
                 log.warning("initial config is off budget (mean value %.4g vs target %g); repairing it",
-                            space._mean_arr(parent), space.target)
+                            space.mean_value(parent), space.target)
                 parent = space.config_to_array(space.repair(parent, self.rng))
         else:
             parent = space.config_to_array(space.uniform())
@@ -85,16 +85,19 @@ class EvoPressSearcher(RayPressSearcher):
             attempts += 1
             child = self.parent.copy()
             n = int(self.rng.integers(1, self.max_mutations + 1))
+            stuck = False
             for _ in range(n):
                 try:
-                    sp._switch(child, self.rng, self.max_step, self.three_way)
+                    sp.switch_(child, self.rng, self.max_step, self.three_way)
                 except RayPressError:
-                    if len(cands) == 1 and np.array_equal(child, self.parent):
-                        raise RayPressError(
-                            "evolution cannot mutate the parent: no budget-preserving level switch exists "
-                            f"(max_step={self.max_step}); use a finer level ladder, a larger max_step or another target"
-                        ) from None
+                    stuck = len(cands) == 1 and np.array_equal(child, self.parent)
                     break
+            if stuck:  # not one budget-preserving switch from the parent: it is the only reachable config
+                log.warning("no budget-preserving level switch exists from the start config (max_step=%d): it is "
+                            "the only config this search can reach, so the search keeps it", self.max_step)
+                self.finished = True
+                self._set_candidates([])
+                return
             key = child.tobytes()
             if key in seen:
                 continue
@@ -109,17 +112,11 @@ class EvoPressSearcher(RayPressSearcher):
     def _set_candidates(self, cands: list[np.ndarray]) -> None:
         self.cands = cands
         self.fit: list[float | None] = [None] * len(cands)
-        self.retries = [0] * len(cands)
-        self.pending: list[int] = list(range(len(cands)))
-        self.in_flight: dict[str, int] = {}
+        self.queue.reset(range(len(cands)))
 
     @property
     def stage_tokens(self) -> int:
         return self.stages[self.stage][0]
-
-    @property
-    def parent_config(self) -> dict:
-        return self.space.array_to_config(self.parent)
 
     def candidates(self) -> list[dict]:
         """The current stage's candidates (stage 0: parent first, then the offspring)."""
@@ -130,25 +127,22 @@ class EvoPressSearcher(RayPressSearcher):
         if self.finished:
             return Searcher.FINISHED
         self._start_clock()
-        if not self.pending:
+        idx = self.queue.hand_out(trial_id)
+        if idx is None:
             return None  # waiting for this stage's results
-        idx = self.pending.pop(0)
-        self.in_flight[str(trial_id)] = idx
         return self._trial_config(self.cands[idx], self.stage_tokens, self.generation, self.stage)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        idx = self.in_flight.pop(str(trial_id), None)
+        idx = self.queue.finish(trial_id)
         if idx is None:
             return  # not ours (or from before a restore): nothing to do
         f = self._fitness(result, error)
         if f is None:
             self.failures += 1
-            self.retries[idx] += 1
-            if self.retries[idx] <= self.max_retries:
-                self.pending.insert(0, idx)  # re-queued: retried next, no generation lost
+            if self.queue.retry(idx):  # re-queued: retried next, no generation lost
                 return
             log.warning("generation %d stage %d: candidate %d failed %d times; scoring it as worst",
-                        self.generation, self.stage, idx, self.retries[idx])
+                        self.generation, self.stage, idx, self.queue.retries[idx])
             f = math.inf * self.sign
         else:
             self.evaluations += 1
@@ -157,7 +151,7 @@ class EvoPressSearcher(RayPressSearcher):
         self._maybe_advance()
 
     def _maybe_advance(self) -> None:
-        if self.pending or self.in_flight:
+        if not self.queue.idle:
             return
         order = np.argsort([self._key(f) for f in self.fit], kind="stable")  # ties: earlier candidate wins
         if self.stage == 0:
@@ -203,9 +197,6 @@ class EvoPressSearcher(RayPressSearcher):
             "parent_fitness": _num(self.parent_fitness),
             "candidates": [c.tolist() for c in self.cands],
             "fitness": [_num(f) for f in self.fit],
-            "retries": list(self.retries),
-            "pending": list(self.pending),
-            "in_flight": [[t, i] for t, i in self.in_flight.items()],
             "stage0": list(self._stage0),
         })
         return s
@@ -225,8 +216,15 @@ class EvoPressSearcher(RayPressSearcher):
         self.parent_fitness = state.get("parent_fitness")
         self.cands = [np.asarray(c, dtype=np.int64) for c in state["candidates"]]
         self.fit = [None if f is None else float(f) for f in state["fitness"]]
-        self.retries = [int(r) for r in state["retries"]]
-        # trials in flight at save time died with the old Tune run: hand them out again first
-        self.pending = [int(i) for _, i in state["in_flight"]] + [int(i) for i in state["pending"]]
-        self.in_flight = {}
         self._stage0 = [float(f) for f in state.get("stage0", [])]
+
+
+def build(name, cfg, space, initial=None, state=None) -> EvoPressSearcher:
+    """The registry's builder (search/registry.py)."""
+    s = cfg.searcher
+    searcher = EvoPressSearcher(space, generations=s.generations, offspring=s.offspring,
+                                stages=[tuple(x) for x in s.stages], max_mutations=s.max_mutations, seed=s.seed,
+                                initial=initial, three_way=s.three_way)
+    if state is not None:
+        searcher.set_state(state)
+    return searcher

@@ -2,8 +2,8 @@
 
 `make_optuna_searcher(space, sampler=...)` returns a `RayPressOptunaSearch`, a thin subclass of
 `ray.tune.search.optuna.OptunaSearch` (adds best_config/best_fitness, history/pop_new_history and
-JSON get_state/set_state for the runner) whose space is a define-by-run function (`FeasibleSpace`). Every suggested Tune config is
-`{layer: level_index, ..., "_rp_tokens", "_rp_generation": 0, "_rp_stage": 0, "_rp_seed"}` and
+JSON get_state, and state= to resume) whose space is a define-by-run function (`FeasibleSpace`). Every suggested Tune config is
+`trial.trial_config(levels, tokens=n_tokens, generation=0, stage=0, seed=seed)` and
 satisfies `space.is_feasible` exactly — no rejection, no constraints_func (optuna's
 constraints_func gives ~5% feasible samples on such budgets), no repair.
 
@@ -48,8 +48,8 @@ import numpy as np
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from raypress import trial as rp_trial
 from raypress.errors import RayPressError
-from raypress.search.schedules import reduce_costs
 from raypress.search.tpe import WindowedTPESampler
 
 __all__ = ["BudgetDecoder", "FeasibleSpace", "make_optuna_searcher", "make_sampler", "SAMPLERS",
@@ -66,10 +66,12 @@ class BudgetDecoder:
         self.space = space
         self.layers = list(space.layers)
         self.n_levels = [len(v) for v in space.level_values]
-        red = reduce_costs(space)
-        self.unit = red.unit
-        self.costs = [[int(c) for c in cs] for cs in red.costs]
-        self.budget = int(red.budget)
+        space.require_reachable()
+        b = space.budget_model
+        self.unit = b.unit
+        self.costs = [[int(c) for c in cs] for cs in b.reduced]
+        self.budget = (b.budget - b.offset) // b.unit
+        total_max = b.total_units
         L = len(self.layers)
         if order_seed is None:
             self.order = list(range(L))
@@ -80,7 +82,7 @@ class BudgetDecoder:
         maxes = [max(c) for c in self.c]
         self.suffix_max = np.concatenate([np.cumsum(maxes[::-1])[::-1], [0]]).astype(object).tolist()
         self.suffix_n = np.concatenate([np.cumsum(self.n[::-1])[::-1], [0]]).astype(object).tolist()
-        self.exact = L * (red.total_max + 1) <= max_bits
+        self.exact = L * (total_max + 1) <= max_bits
         self.reach: list[int] | None = None
         if self.exact:
             reach = [0] * (L + 1)
@@ -91,11 +93,7 @@ class BudgetDecoder:
                 for c in set(self.c[i]):
                     acc |= nxt << c
                 reach[i] = acc
-            if not (reach[0] >> self.budget) & 1:
-                raise RayPressError(
-                    f"target {space.target} cannot be hit exactly by any combination of levels; pick another target"
-                )
-            self.reach = reach
+            self.reach = reach  # bit `budget` of reach[0] is set: the space's verdict said reachable
 
     # -- feasibility -------------------------------------------------------------------------
     def _ok(self, i: int, rest: int) -> bool:
@@ -153,7 +151,7 @@ class FeasibleSpace:
         self.space = space
         self.decoder = BudgetDecoder(space, order_seed=order_seed, max_bits=max_bits)
         self.encoding = encoding
-        self.constants = {"_rp_tokens": int(n_tokens), "_rp_generation": 0, "_rp_stage": 0, "_rp_seed": int(seed)}
+        self.constants = rp_trial.trial_config({}, tokens=n_tokens, generation=0, stage=0, seed=seed)
         self.seed = int(seed)
 
     def _sequential(self, trial) -> dict[str, int]:
@@ -216,17 +214,34 @@ def make_sampler(name: str, seed: int = 0, **kw):
 
 class RayPressOptunaSearch(OptunaSearch):
     """OptunaSearch + the bookkeeping the RayPress runner reads from every searcher:
-    best_config / best_fitness, history + pop_new_history(), get_state() / set_state()
-    (JSON-serialisable and compact: per finished trial its nominal levels as a list, value and
-    sampler attributes; the sampler is pickled (base64) into it, so a restored TPE continues with
-    the same suggestions; running trials are dropped and re-suggested; the "rp_config" user
-    attribute is not kept). Suggestions are FeasibleSpace configs (exactly feasible)."""
+    best_config / best_fitness, history + pop_new_history(), get_state() (JSON-serialisable and
+    compact: per finished trial its nominal levels as a list, value and sampler attributes; the
+    sampler is pickled (base64) into it, so a restored TPE continues with the same suggestions;
+    running trials are dropped and re-suggested; the "rp_config" user attribute is not kept).
+    Suggestions are FeasibleSpace configs (exactly feasible).
 
-    def __init__(self, fspace: FeasibleSpace, *, window: int = 16, **kw):
-        super().__init__(fspace, **kw)
+    The study lives in an optuna storage that this class creates and hands to OptunaSearch
+    (its public `storage` / `study_name` arguments), so a resume builds the restored study in a
+    fresh storage (`state=`) instead of replacing OptunaSearch's private members."""
+
+    def __init__(self, fspace: FeasibleSpace, *, sampler, mode: str = "min", window: int = 16,
+                 state: dict | None = None, study_name: str | None = None, points_to_evaluate=None, **kw):
+        from optuna.storages import InMemoryStorage
+
+        self.study_name = study_name or "raypress"
+        self.storage = InMemoryStorage()
+        direction = "minimize" if mode != "max" else "maximize"
+        if state is not None:
+            sampler = _restore_study(self.storage, self.study_name, direction, fspace, state)
+            points_to_evaluate = None  # waiting trials were restored with the study
+        self.study = optuna.create_study(storage=self.storage, sampler=sampler, pruner=optuna.pruners.NopPruner(),
+                                         study_name=self.study_name, direction=direction, load_if_exists=True)
+        super().__init__(fspace, sampler=sampler, mode=mode, storage=self.storage, study_name=self.study_name,
+                         points_to_evaluate=points_to_evaluate, **kw)
         self.fspace = fspace
         self.window = int(window)
         self._configs: dict[str, dict[str, int]] = {}
+        self._done_ids: set[str] = set()
         self.best_config: dict[str, int] | None = None
         self.best_fitness: float | None = None
         self.history: list[dict] = []
@@ -235,8 +250,22 @@ class RayPressOptunaSearch(OptunaSearch):
         self.evaluations = 0
         self.tokens = 0
         self._state_rows: dict[int, dict] = {}  # get_state's row per finished trial number
+        if state is not None:
+            self.best_config = state["best_config"]
+            self.best_fitness = state["best_fitness"]
+            self.history = list(state["history"])
+            self._handed = int(state["handed"])
+            self._recent = list(state["recent"])
+            self.evaluations = int(state["evaluations"])
+            self.tokens = int(state["tokens"])
 
     # -- Searcher interface ----------------------------------------------------------
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        """Tune hands the run's param_space (trial.tune_space); it must be this searcher's space.
+        The study already exists (define-by-run space), so only the check is left to do."""
+        rp_trial.check_tune_space(self.fspace.space, config)
+        return True
+
     def suggest(self, trial_id: str):
         cfg = super().suggest(trial_id)
         if cfg is not None:
@@ -244,8 +273,9 @@ class RayPressOptunaSearch(OptunaSearch):
         return cfg
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials:
+        if trial_id in self._done_ids:
             return
+        self._done_ids.add(trial_id)
         super().on_trial_complete(trial_id, result=result, error=error)
         cfg = self._configs.pop(trial_id, None)
         val = None if (error or not result) else result.get(self.metric)
@@ -253,7 +283,7 @@ class RayPressOptunaSearch(OptunaSearch):
             return
         val = float(val)
         self.evaluations += 1
-        self.tokens += int(result.get("tokens", self.fspace.constants["_rp_tokens"]))
+        self.tokens += int(result.get("tokens", self.fspace.constants[rp_trial.TOKENS]))
         better = (self.best_fitness is None or
                   (val < self.best_fitness if self.mode != "max" else val > self.best_fitness))
         if better:
@@ -282,7 +312,7 @@ class RayPressOptunaSearch(OptunaSearch):
 
         layers = self.fspace.decoder.layers
         nlev = self.fspace.decoder.n_levels
-        trials = self._ot_study.get_trials(deepcopy=False)
+        trials = self.study.get_trials(deepcopy=False)
         opt_key = "cma:optimizer"
         last_opt = max((t.number for t in trials if any(k.startswith(opt_key) for k in t.system_attrs)),
                        default=-1)
@@ -310,7 +340,7 @@ class RayPressOptunaSearch(OptunaSearch):
             "version": 1,
             "trials": done,
             "waiting": waiting,
-            "sampler": base64.b64encode(pickle.dumps(self._ot_study.sampler)).decode(),
+            "sampler": base64.b64encode(pickle.dumps(self.study.sampler)).decode(),
             "best_config": self.best_config,
             "best_fitness": self.best_fitness,
             "history": self.history,
@@ -353,59 +383,52 @@ class RayPressOptunaSearch(OptunaSearch):
         super().restore(checkpoint_path)
         self._state_rows = {}  # rows of the study this replaces
 
-    def set_state(self, state: dict) -> None:
-        import base64
 
-        from optuna.distributions import IntDistribution
-        from optuna.trial import TrialState, create_trial
+def _restore_study(storage, name: str, direction: str, fspace: FeasibleSpace, state: dict):
+    """Rebuild a saved study (finished trials, waiting trials, sampler) inside `storage`; returns
+    the restored sampler."""
+    import base64
 
-        if not state or state.get("kind") != "optuna":
-            raise RayPressError("the saved searcher state is not an Optuna state; resume with the same searcher")
-        self._state_rows = {}  # rows of the study this replaces
-        from ..safe_pickle import safe_loads  # the state file may come from elsewhere: allow-listed types only
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState, create_trial
 
-        sampler = safe_loads(base64.b64decode(state["sampler"]),
-                             ("optuna.samplers", "optuna.distributions", "optuna.search_space", "raypress.search.tpe"),
-                             "the saved Optuna sampler")
-        study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(),
-                                    direction="minimize" if self.mode != "max" else "maximize")
-        layers = self.fspace.decoder.layers
-        nlev = self.fspace.decoder.n_levels
-        for t in state["trials"]:
-            st = TrialState[t["state"]]
-            params, dists = {}, {}
-            for j, (l, v) in enumerate(zip(layers, t["x"])):
-                if v is None:
-                    continue
-                lo, hi = t["bounds"].get(l, (0, nlev[j] - 1))
-                params[l], dists[l] = int(v), IntDistribution(int(lo), int(hi))
-            study.add_trial(create_trial(
-                state=st,
-                value=t["value"] if st == TrialState.COMPLETE else None,
-                params=params,
-                distributions=dists,
-                user_attrs=t["user_attrs"],
-                system_attrs=t["system_attrs"],
-            ))
-        for p in state.get("waiting", []):
-            study.enqueue_trial(p)
-        self._ot_study = study
-        self._ot_trials = {}
-        self._completed_trials = set()
-        self._configs = {}
-        self.best_config = state["best_config"]
-        self.best_fitness = state["best_fitness"]
-        self.history = list(state["history"])
-        self._handed = int(state["handed"])
-        self._recent = list(state["recent"])
-        self.evaluations = int(state["evaluations"])
-        self.tokens = int(state["tokens"])
+    from ..safe_pickle import safe_loads  # the state file may come from elsewhere: allow-listed types only
+
+    if not state or state.get("kind") != "optuna":
+        raise RayPressError("the saved searcher state is not an Optuna state; resume with the same searcher")
+    sampler = safe_loads(base64.b64decode(state["sampler"]),
+                         ("optuna.samplers", "optuna.distributions", "optuna.search_space", "raypress.search.tpe"),
+                         "the saved Optuna sampler")
+    study = optuna.create_study(storage=storage, sampler=sampler, pruner=optuna.pruners.NopPruner(),
+                                study_name=name, direction=direction)
+    layers = fspace.decoder.layers
+    nlev = fspace.decoder.n_levels
+    for t in state["trials"]:
+        st = TrialState[t["state"]]
+        params, dists = {}, {}
+        for j, (l, v) in enumerate(zip(layers, t["x"])):
+            if v is None:
+                continue
+            lo, hi = t["bounds"].get(l, (0, nlev[j] - 1))
+            params[l], dists[l] = int(v), IntDistribution(int(lo), int(hi))
+        study.add_trial(create_trial(
+            state=st,
+            value=t["value"] if st == TrialState.COMPLETE else None,
+            params=params,
+            distributions=dists,
+            user_attrs=t["user_attrs"],
+            system_attrs=t["system_attrs"],
+        ))
+    for p in state.get("waiting", []):
+        study.enqueue_trial(p)
+    return sampler
 
 
-def make_optuna_searcher(space, sampler: str = "tpe", seed: int = 0, n_tokens: int = 2048,
-                         metric: str = "fitness", mode: str = "min", *, encoding: str | None = None,
+def make_optuna_searcher(space, sampler: str = "tpe", seed: int = 0, *, n_tokens: int,
+                         metric: str = rp_trial.METRIC, mode: str = "min", encoding: str | None = None,
                          order_seed: int | None = None, initial: dict | list[dict] | None = None,
-                         sampler_kwargs: dict | None = None, study_name: str | None = None):
+                         sampler_kwargs: dict | None = None, study_name: str | None = None,
+                         state: dict | None = None):
     """A RayPressOptunaSearch (an OptunaSearch subclass) over budget-feasible configs, ready for
     `tune.Tuner(trainable, tune_config=TuneConfig(search_alg=..., num_samples=N, metric="fitness",
     mode="min"))` with no param_space.
@@ -414,6 +437,7 @@ def make_optuna_searcher(space, sampler: str = "tpe", seed: int = 0, n_tokens: i
     encoding: "shift" (default) or "sequential" (TPE only) — see the module doc.
     order_seed: seed of the fixed layer visiting order (default: seed).
     initial: config(s) {layer: level} evaluated first (enqueued; must be feasible), e.g. space.uniform().
+    state: a get_state() of an earlier searcher over the same space (resume).
     """
     if isinstance(sampler, str):
         sname = sampler.lower().replace("-", "").replace("_", "")
@@ -438,4 +462,17 @@ def make_optuna_searcher(space, sampler: str = "tpe", seed: int = 0, n_tokens: i
             space.check(cfg)
             points.append(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Trial N finished" line per trial
-    return RayPressOptunaSearch(fs, metric=metric, mode=mode, sampler=smp, points_to_evaluate=points, study_name=study_name)
+    return RayPressOptunaSearch(fs, metric=metric, mode=mode, sampler=smp, points_to_evaluate=points,
+                                study_name=study_name, state=state)
+
+
+def build(name, cfg, space, initial=None, state=None):
+    """The registry's builder: an Optuna sampler named by cfg.searcher.name over `space`, with the
+    evaluation budget of search/registry.evaluation_budget (its `num_samples` attribute)."""
+    from .registry import evaluation_budget
+
+    n, tokens = evaluation_budget(cfg)
+    searcher = make_optuna_searcher(space, sampler=name, seed=cfg.searcher.seed, n_tokens=tokens,
+                                    initial=[initial] if initial else None, state=state)
+    searcher.num_samples = n
+    return searcher

@@ -35,9 +35,6 @@ class RandomSearcher(RayPressSearcher):
         self.history_every = int(history_every) if history_every else max(1, math.ceil(self.n_samples / 20))
         self.next_index = 0
         self.done = 0
-        self.pending: list[int] = []
-        self.in_flight: dict[str, int] = {}
-        self.retries: dict[int, int] = {}
         self._chunk: list[float] = []
         self._best_index: int | None = None
         self._cache: dict[int, np.ndarray] = {}
@@ -57,28 +54,24 @@ class RandomSearcher(RayPressSearcher):
         if self.finished:
             return Searcher.FINISHED
         self._start_clock()
-        if self.pending:
-            idx = self.pending.pop(0)
-        elif self.next_index < self.n_samples:
-            idx = self.next_index
+        idx = self.queue.hand_out(trial_id)  # a re-queued failure first
+        if idx is None:
+            if self.next_index >= self.n_samples:
+                return None
+            idx = self.queue.hand_out(trial_id, self.next_index)
             self.next_index += 1
-        else:
-            return None
-        self.in_flight[str(trial_id)] = idx
         return self._trial_config(self.sample(idx), self.n_tokens, 0, 0)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        idx = self.in_flight.pop(str(trial_id), None)
+        idx = self.queue.finish(trial_id)
         if idx is None:
             return
         f = self._fitness(result, error)
         if f is None:
             self.failures += 1
-            self.retries[idx] = self.retries.get(idx, 0) + 1
-            if self.retries[idx] <= self.max_retries:
-                self.pending.insert(0, idx)
+            if self.queue.retry(idx):
                 return
-            log.warning("random sample %d failed %d times; skipping it", idx, self.retries[idx])
+            log.warning("random sample %d failed %d times; skipping it", idx, self.queue.retries[idx])
         else:
             self.evaluations += 1
             self.tokens += self._result_tokens(result, self.n_tokens)
@@ -87,7 +80,7 @@ class RandomSearcher(RayPressSearcher):
                 self._best_index = idx
                 self.best_config = self.space.array_to_config(self.sample(idx))
             self._chunk.append(float(f))
-        self.retries.pop(idx, None)
+        self.queue.forget(idx)
         self._cache.pop(idx, None)
         self.done += 1
         if self._chunk and (len(self._chunk) >= self.history_every or self.done >= self.n_samples):
@@ -113,9 +106,6 @@ class RandomSearcher(RayPressSearcher):
                          "history_every": self.history_every},
             "next_index": self.next_index,
             "done": self.done,
-            "pending": list(self.pending),
-            "in_flight": [[t, i] for t, i in self.in_flight.items()],
-            "retries": [[i, n] for i, n in self.retries.items()],
             "chunk": list(self._chunk),
             "best_index": self._best_index,
         })
@@ -132,11 +122,20 @@ class RandomSearcher(RayPressSearcher):
         self.history_every = int(st["history_every"])
         self.next_index = int(state["next_index"])
         self.done = int(state["done"])
-        self.pending = [int(i) for _, i in state["in_flight"]] + [int(i) for i in state["pending"]]
-        self.in_flight = {}
-        self.retries = {int(i): int(n) for i, n in state["retries"]}
         self._chunk = [float(f) for f in state["chunk"]]
         self._best_index = state.get("best_index")
         self._cache = {}
         if self.best_config is None:
             self.best_config = self.space.uniform()
+
+
+def build(name, cfg, space, initial=None, state=None) -> RandomSearcher:
+    """The registry's builder: the evaluation budget of search/registry.evaluation_budget."""
+    from .registry import evaluation_budget
+
+    n, tokens = evaluation_budget(cfg)
+    searcher = RandomSearcher(space, n_samples=n, n_tokens=tokens, seed=cfg.searcher.seed,
+                              three_way=cfg.searcher.three_way)
+    if state is not None:
+        searcher.set_state(state)
+    return searcher

@@ -5,24 +5,17 @@
 - `hessian_schedule(space, stats, k)`    OBS error at the target sparsity, log, 1-D k-means into k
                                          levels, higher error -> lower sparsity
 - `dp_schedule(space, errors)`           knapsack: min Σ errors[layer][level] s.t. the exact budget
-- `random_schedule(space, seed)`         space.random_feasible
 - `SCHEDULES` / `run_schedule(name, space, **ctx)`  registry; ctx may hold more keys than needed
 
-Exactness. Budgets are integers (space.py: cost[l][k] = n_params[l]·round(value·1000),
-budget = round(target·1000)·Σ n_params). `integer_costs` / `reduce_costs` rewrite them in small
-units: subtract each layer's cheapest level, divide everything by the gcd of what is left. For
-SparseGPT-style ladders (0.0, 0.1, ...) and transformer shapes the gcd is huge, so the exact DP
-(`solve_budgeted`) over the remaining budget is small (SmolLM2-135M: 210 layers x ~5k units).
+Exactness. Budgets are integers and their one definition is budget.py (`space.budget_model`):
+`solve_budgeted` is its exact solver (DP over reduced units, Lagrangian fallback past `max_cells`)
+plus `space.repair` when the relaxation misses the budget. Only the last step can lose optimality;
+the result is always feasible (asserted).
 
 Snapping + exact fix-up of a continuous schedule (OWL, Hessian) is one call: `project(space,
 desired)` = the exactly-feasible config nearest to the desired per-layer values in the
 params-weighted L2 sense (the same DP with errors n_l·(v_lk − d_l)²).
 
-Fallback. When the DP table would exceed `max_cells` (default 5e7 cells = L x reduced budget),
-`solve_budgeted` uses a Lagrangian relaxation (bisection on the price of one cost unit, each layer
-independently picks argmin err − λ·cost), then a greedy exact-or-closest fix-up (best error change
-per unit of cost, never overshooting), and finally `space.repair` if the budget is still not hit
-exactly. Only the last step can lose optimality; the result is always feasible (asserted).
 """
 from __future__ import annotations
 
@@ -30,19 +23,17 @@ import inspect
 import math
 import re
 from dataclasses import dataclass
-from functools import reduce
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from raypress.budget import MAX_DP_CELLS as DEFAULT_MAX_CELLS
 from raypress.errors import RayPressError
+from raypress.hessian import damp_, inverse_diagonal
 
 __all__ = [
     "LayerStats",
-    "ReducedCosts",
-    "integer_costs",
-    "reduce_costs",
     "solve_budgeted",
     "project",
     "uniform",
@@ -52,7 +43,6 @@ __all__ = [
     "obs_error",
     "layer_errors",
     "dp_schedule",
-    "random_schedule",
     "layer_stats_from_model",
     "stats_from",
     "block_of",
@@ -60,7 +50,6 @@ __all__ = [
     "run_schedule",
 ]
 
-DEFAULT_MAX_CELLS = 50_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,52 +160,8 @@ def block_of(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# exact integer budget
+# exact integer budget (budget.py decides; this is its objective-driven use)
 # --------------------------------------------------------------------------------------------
-def integer_costs(space) -> tuple[list[list[int]], int]:
-    """The contract's exact integer costs cost[l][k] and budget (python ints)."""
-    costs = [[int(n) * int(round(v * 1000)) for v in vals]
-             for n, vals in zip(space.n_params, space.level_values)]
-    budget = int(round(space.target * 1000)) * int(sum(int(n) for n in space.n_params))
-    return costs, budget
-
-
-@dataclass
-class ReducedCosts:
-    """Costs in small units: costs[l][k] = (cost[l][k] − min_k cost[l][k]) / unit, budget alike."""
-
-    costs: list[np.ndarray]  # int64 per layer
-    budget: int              # remaining budget in units, 0 <= budget <= total_max
-    unit: int
-    offset: int              # Σ_l min_k cost[l][k] (original units)
-    total_max: int           # Σ_l max_k costs[l][k] (units)
-
-
-def reduce_costs(space) -> ReducedCosts:
-    costs, budget = integer_costs(space)
-    mins = [min(c) for c in costs]
-    shifted = [[c - m for c in cs] for cs, m in zip(costs, mins)]
-    offset = sum(mins)
-    rest = budget - offset
-    unit = reduce(math.gcd, (c for cs in shifted for c in cs), 0)
-    total = sum(max(cs) for cs in shifted)
-    if unit == 0:  # every layer has a single cost
-        if rest != 0:
-            raise RayPressError(
-                f"target {space.target} is not reachable: every layer has one fixed cost; change the target"
-            )
-        return ReducedCosts([np.zeros(len(cs), np.int64) for cs in shifted], 0, 1, offset, 0)
-    if rest < 0 or rest > total or rest % unit:
-        lo = offset / (1000 * sum(space.n_params))
-        hi = (offset + total) / (1000 * sum(space.n_params))
-        raise RayPressError(
-            f"target {space.target} is not exactly reachable by the level ladders (range {lo:.4g}..{hi:.4g}, "
-            f"step {unit / (1000 * sum(space.n_params)):.3g}); pick a target on that grid"
-        )
-    red = [np.asarray([c // unit for c in cs], dtype=np.int64) for cs in shifted]
-    return ReducedCosts(red, rest // unit, unit, offset, total // unit)
-
-
 def _errors_matrix(space, errors) -> list[np.ndarray]:
     out = []
     for i, layer in enumerate(space.layers):
@@ -240,124 +185,27 @@ def _errors_matrix(space, errors) -> list[np.ndarray]:
 
 def solve_budgeted(space, errors, *, max_cells: int = DEFAULT_MAX_CELLS,
                    return_info: bool = False):
-    """argmin Σ_l errors[l][k_l]  s.t.  Σ_l cost[l][k_l] == budget exactly.
+    """argmin Σ_l errors[l][k_l]  s.t.  Σ_l cost[l][k_l] == budget exactly (budget.Budget.solve).
 
-    errors: {layer: per-level sequence} or a list aligned with space.layers.
-    Exact DP over the reduced budget when L x W <= max_cells (W = min(B, total − B) + 1: the table
-    is run on the complement when the budget is past the middle); Lagrangian fallback otherwise.
-    """
-    red = reduce_costs(space)
+    errors: {layer: per-level sequence} or a list aligned with space.layers. Unreachable target ->
+    RayPressError with the budget's verdict (nearest reachable targets)."""
+    space.require_reachable()
     err = _errors_matrix(space, errors)
-    L = len(space.layers)
-    width = min(red.budget, red.total_max - red.budget) + 1
-    if L * width <= max_cells:
-        levels = _dp_exact(red, err)
-        method = "dp"
-    else:
-        levels = _lagrangian(red, err)
-        method = "lagrangian"
+    b = space.budget_model
+    levels, method = b.solve(err, max_cells=max_cells)
+    if levels is None:
+        space.require_reachable()  # unreachable despite the verdict (too large to prove): say so
+        raise RayPressError(space.verdict().message or f"target {space.target:g} cannot be hit exactly; change it")
     cfg = {layer: int(k) for layer, k in zip(space.layers, levels)}
-    cost = sum(int(red.costs[i][k]) for i, k in enumerate(levels))
-    if cost != red.budget:
+    if not space.is_feasible(cfg):
         method += "+repair"
         cfg = {k: int(v) for k, v in space.repair(cfg, np.random.default_rng(0)).items()}
     assert space.is_feasible(cfg), "solve_budgeted produced an infeasible config"
     if return_info:
         total = sum(float(err[i][cfg[layer]]) for i, layer in enumerate(space.layers))
-        return cfg, {"method": method, "objective": total, "cells": L * width}
+        width = min(b.budget - b.offset, b.total_units * b.unit - b.budget + b.offset) // b.unit + 1
+        return cfg, {"method": method, "objective": total, "cells": len(space.layers) * width}
     return cfg
-
-
-def _dp_exact(red: ReducedCosts, err: list[np.ndarray]) -> list[int]:
-    B, S = red.budget, red.total_max
-    flip = B > S - B
-    if flip:  # track the complement: Σ (max_l − c_l) == S − B
-        costs = [c.max() - c for c in red.costs]
-        W = S - B
-    else:
-        costs = red.costs
-        W = B
-    L = len(costs)
-    n_lv = max(len(c) for c in costs)
-    ch_dtype = np.int8 if n_lv < 127 else np.int16
-    choice = np.full((L, W + 1), -1, dtype=ch_dtype)
-    dp = np.full(W + 1, np.inf)
-    dp[0] = 0.0
-    for l in range(L):
-        new = np.full(W + 1, np.inf)
-        ch = choice[l]
-        for k in range(len(costs[l])):
-            c = int(costs[l][k])
-            if c > W:
-                continue
-            cand = dp[: W + 1 - c] + err[l][k]
-            tgt = new[c:]
-            better = cand < tgt
-            tgt[better] = cand[better]
-            ch[c:][better] = k
-        dp = new
-    if not np.isfinite(dp[W]):
-        raise RayPressError("no level combination hits the budget exactly; change the target")  # unreachable
-    levels = [0] * L
-    b = W
-    for l in range(L - 1, -1, -1):
-        k = int(choice[l, b])
-        levels[l] = k
-        b -= int(costs[l][k])
-    assert b == 0
-    return levels
-
-
-def _lagrangian(red: ReducedCosts, err: list[np.ndarray]) -> list[int]:
-    L = len(err)
-    K = max(len(e) for e in err)
-    C = np.full((L, K), np.iinfo(np.int64).max // 4, dtype=np.int64)
-    E = np.full((L, K), np.inf)
-    for i, (c, e) in enumerate(zip(red.costs, err)):
-        C[i, : len(c)] = c
-        E[i, : len(e)] = e
-    Cf = np.where(np.isfinite(E), C, 0).astype(np.float64)
-    rows = np.arange(L)
-    B = red.budget
-
-    def pick(lam):
-        obj = np.where(np.isfinite(E), E - lam * Cf, np.inf)
-        best = obj.min(axis=1, keepdims=True)
-        # ties -> the cheaper level (first minimum after masking)
-        tie = np.where(obj <= best + 1e-15 * np.abs(best), Cf, np.inf)
-        ks = tie.argmin(axis=1)
-        return ks, int(C[rows, ks].sum())
-
-    # total cost is nondecreasing in λ; bisection for the smallest λ reaching the budget
-    finite = E[np.isfinite(E)]
-    scale = max(1e-12, float(finite.max() - finite.min())) + 1.0
-    lo, hi = -scale, scale
-    while pick(hi)[1] < B:
-        hi *= 2
-    while pick(lo)[1] > B:
-        lo *= 2
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if pick(mid)[1] >= B:
-            hi = mid
-        else:
-            lo = mid
-    ks, cost = pick(hi)
-    # greedy fix-up toward the budget: the single level move with the best Δerror per Δcost
-    # that goes toward the budget without overshooting it
-    for _ in range(20 * L + 100):
-        gap = B - cost
-        if gap == 0:
-            break
-        dc = C - C[rows, ks][:, None]
-        ok = np.isfinite(E) & (dc != 0) & (np.sign(dc) == np.sign(gap)) & (np.abs(dc) <= abs(gap))
-        if not ok.any():
-            break
-        score = np.where(ok, (E - E[rows, ks][:, None]) / np.maximum(np.abs(dc), 1), np.inf)
-        i, k2 = np.unravel_index(int(np.argmin(score)), score.shape)
-        cost += int(dc[i, k2])
-        ks[i] = k2
-    return [int(k) for k in ks]
 
 
 def project(space, desired: Mapping[str, float] | Sequence[float], *,
@@ -460,20 +308,10 @@ def obs_error(weight, hessian, sparsity: float, percdamp: float = 0.01) -> float
     n_remove = int(round(sparsity * W.numel()))
     if n_remove <= 0:
         return 0.0
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    H[dead, dead] = 1.0
+    dead = damp_(H, percdamp)
     W = W.clone()
     W[:, dead] = 0.0
-    damp = percdamp * float(torch.diagonal(H).mean())
-    H += damp * torch.eye(H.shape[0], dtype=H.dtype)
-    try:  # diag(H⁻¹)_j = Σ_i (L⁻¹)_ij² with H = L Lᵀ (much faster than cholesky_inverse on CPU)
-        Linv = torch.linalg.solve_triangular(torch.linalg.cholesky(H), torch.eye(H.shape[0], dtype=H.dtype),
-                                             upper=False)
-        hd = (Linv * Linv).sum(0)
-    except RuntimeError:
-        hd = torch.diagonal(torch.linalg.pinv(H))
-    hd = hd.clamp_min(1e-12).to(torch.float32)
+    hd = inverse_diagonal(H).clamp_min(1e-12).to(torch.float32)
     sal = (W**2 / hd.reshape(1, -1)).reshape(-1).numpy()
     n_remove = min(n_remove, sal.size)
     if n_remove == sal.size:
@@ -607,17 +445,11 @@ def dp_schedule(space, errors=None, *, db=None, hessians=None, dense=None,
     return _finish(space, solve_budgeted(space, errors, max_cells=max_cells))
 
 
-def random_schedule(space, seed: int = 0) -> dict[str, int]:
-    """A random feasible config (space.random_feasible with default_rng(seed))."""
-    return _finish(space, space.random_feasible(np.random.default_rng(seed)))
-
-
 SCHEDULES: dict[str, Callable[..., dict[str, int]]] = {
     "uniform": uniform,
     "owl": owl,
     "hessian": hessian_schedule,
     "dp": dp_schedule,
-    "random": random_schedule,
 }
 
 

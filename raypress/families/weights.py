@@ -1,0 +1,127 @@
+"""What the weight families (sparsity, quant) share: a level database of per-layer weight variants.
+
+Each linear layer is compressed at every level by a CompressionMethod (compress/), the variants are
+stored in the content-hashed level database (database.py), served to evaluators from Ray's object
+store and swapped in by a WeightSwapApplier; an export writes the chosen variant of every layer.
+The subclasses say which methods and keys they take and how the config's `levels` reach the method.
+"""
+from __future__ import annotations
+
+from ..compress import get_method
+from ..compress.swap import WeightSwapApplier
+from ..database import build_database
+from ..errors import RayPressError
+from ..export import base_info, clean_levels, write_export
+from ..search.schedules import run_schedule
+from ..space import SearchSpace
+from .base import Family, Prepared
+
+
+class WeightFamily(Family):
+    keys = ("levels", "database.storage_dtype", "database.parallel", "database.device")
+    has_database = True
+
+    def method(self, cfg):
+        """The CompressionMethod of cfg (its ladder from cfg.levels, else the method's default)."""
+        return get_method(cfg.method, **self.method_kwargs(cfg))
+
+    def method_kwargs(self, cfg) -> dict:
+        return {} if cfg.levels is None else {"levels": cfg.levels}
+
+    def check_config(self, cfg, explicit=None) -> None:
+        super().check_config(cfg, explicit)
+        self.method(cfg)  # the method validates its ladder and options (one-line errors)
+
+    def space(self, cfg, adapter) -> SearchSpace:
+        layers = adapter.linear_layers()
+        return SearchSpace.from_values(self.method(cfg).level_values(), cfg.target, layers=list(layers),
+                                       n_params=[int(m.weight.numel()) for m in layers.values()])
+
+    def build_database(self, cfg, model, adapter, calib):
+        return build_database(cfg.model, model, adapter, self.method(cfg), calib, cache_root=cfg.database.cache_dir,
+                              storage_dtype=cfg.database.storage_dtype, **database_devices(cfg))
+
+    def prepare(self, cfg, model, adapter, calib, *, serve: bool = True) -> Prepared:
+        method = self.method(cfg)
+        db = self.build_database(cfg, model, adapter, calib)
+        space = SearchSpace.for_database(db, cfg.target)
+        applier = WeightSwapApplier(db.put(), self.dense_levels(db), decode=getattr(method, "decode_stored", None)) \
+            if serve else None
+        return Prepared(space, applier, db=db, context={"db": db, "method": method},
+                        describe={"db.key": db.key, "db.path": str(db.path)})
+
+    def dense_levels(self, db) -> dict[str, int]:
+        """Levels whose stored variant equals the dense weight (served from the model itself)."""
+        return {}
+
+    def schedule(self, name, cfg, prep, model, adapter, calib) -> dict:
+        """uniform, or a statistics-driven schedule (OWL, Hessian, DP) on the dense model's Hessians
+        and input norms (prep.context["stats"], calibrated once per model and tokens)."""
+        if name == "uniform" or name not in self.schedules:
+            return super().schedule(name, cfg, prep, model, adapter, calib)
+        stats = prep.context["stats"].get(cfg.model, model, adapter, calib)
+        return run_schedule(name, prep.space, db=prep.db, **stats)
+
+    def export(self, model, adapter, best, prep, out_dir, *, tokenizer=None, source="", overwrite=False,
+               extra_info=None):
+        import numpy as np
+        import torch
+
+        space, db = prep.space, prep.db
+        if db is None:
+            raise RayPressError(f"exporting a {self.name} config needs its level database; pass db= (the "
+                                "LevelDatabase the search used, e.g. raypress.database.open_database(path))")
+        cfg = clean_levels(best, space)
+        space.check(cfg)
+        linears = adapter.linear_layers()
+        layers_info = {}
+        dense = self.dense_levels(db)
+        for i, layer in enumerate(space.layers):
+            if layer not in linears:
+                raise RayPressError(f"search-space layer '{layer}' is not a linear layer of this model; "
+                                    "export with the model the database was built for")
+            level = cfg[layer]
+            layers_info[layer] = {"level": level, "value": float(space.level_values[i][level])}
+            if dense.get(layer) == level:
+                continue  # dense: keep the model's own tensor (bit-exact, like the evaluator)
+            lin = linears[layer]
+            arr = np.asarray(db.variant(layer, level))
+            if tuple(arr.shape) != tuple(lin.weight.shape):
+                raise RayPressError(f"database variant of '{layer}' has shape {tuple(arr.shape)} but the model's "
+                                    f"weight is {tuple(lin.weight.shape)}; rebuild the database for this model")
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.array(arr, copy=True)).to(lin.weight.dtype))
+        meta = getattr(db, "meta", None) or {}
+        info = base_info(space, cfg, self.name, source, meta.get("method") or meta.get("method_params"))
+        info["value_kind"] = self.value_kind
+        info["layers"] = layers_info
+        info.update(self.export_info(info, meta.get("method") or {}))
+        info["n_params"] = int(sum(p.numel() for p in model.parameters()))
+        info.update(extra_info or {})
+        return write_export(model, out_dir, tokenizer=tokenizer, info=info, overwrite=overwrite)
+
+    def export_info(self, info: dict, method_params: dict) -> dict:
+        return {}
+
+
+def database_devices(cfg) -> dict:
+    """build_database's device (driver-side calibration), parallel and task_device (Ray tasks) from
+    database.device / database.parallel; "auto" = cuda where a GPU is (driver / Ray cluster)."""
+    import torch
+
+    dev, par = cfg.database.device, cfg.database.parallel
+    if dev.startswith("cuda") and not par and not torch.cuda.is_available():
+        raise RayPressError("database.device=cuda but this machine has no CUDA GPU; use database.device=auto or "
+                            "cpu, or database.parallel=N to build on the Ray cluster's GPUs")
+    driver = "cuda" if dev in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda:") and torch.cuda.is_available():
+        driver = dev
+    if not par:
+        return {"device": driver}
+    task = "cpu"
+    if dev != "cpu":
+        import ray
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+            task = "cuda"
+    return {"device": driver, "parallel": par, "task_device": task}

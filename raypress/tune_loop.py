@@ -1,0 +1,132 @@
+"""One Ray Tune run of a searcher: trials are candidate evaluations on reused evaluator actors.
+
+The Tuner gets the run's real search space (`trial.tune_space`, one `tune.randint` per layer) as
+its param_space and the searcher as its search algorithm; every searcher checks that the two agree.
+Callbacks forward the searcher's per-generation history to MLflow and save its state after every
+finished trial (resume); a stopper ends the whole search at the first user error an evaluator
+reports (trial.RESULT_KEY), which Tune would otherwise retry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import trial
+from .errors import RayPressError
+from .ray_env import resources
+
+
+def atomic_write(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, default=str))
+    os.replace(tmp, path)
+
+
+def generation_logger(searcher, tracker, t0: float):
+    """Tune callback: forwards the searcher's per-generation summaries to MLflow."""
+    from ray import tune
+
+    class GenerationLogger(tune.Callback):
+        def _flush(self):
+            for h in searcher.pop_new_history():
+                wall = max(time.time() - t0, 1e-9)
+                m = {k: h[k] for k in ("best_fitness", "median_fitness", "evaluations", "tokens") if k in h}
+                m["evaluations_per_s"] = h.get("evaluations", 0) / max(h.get("wall_time", wall), 1e-9)
+                tracker.log_metrics(m, step=int(h.get("generation", 0)))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._flush()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._flush()
+
+        def on_experiment_end(self, trials, **info):
+            self._flush()
+
+    return GenerationLogger()
+
+
+def state_saver(searcher, path: Path, base: dict):
+    """Tune callback: persists the searcher state after every finished trial (for --resume)."""
+    from ray import tune
+
+    class StateSaver(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            atomic_write(path, {**base, "searcher": searcher.get_state()})
+
+        on_trial_error = on_trial_complete
+
+    return StateSaver()
+
+
+def _user_error_stopper():
+    """Tune stopper: ends the whole search on the first result carrying trial.RESULT_KEY (a user error
+    such as GPU out of memory, reported by the evaluator instead of raised so it is not retried)."""
+    from ray import tune
+
+    class Stopper(tune.Stopper):
+        error: str | None = None
+
+        def __call__(self, trial_id, result):
+            if result.get(trial.RESULT_KEY):
+                self.error = self.error or str(result[trial.RESULT_KEY])
+                return True
+            return False
+
+        def stop_all(self):
+            return self.error is not None
+
+    return Stopper()
+
+
+def _batched(cfg, info, searcher, num_samples: int, n_eval: int):
+    """Several candidates per Tune trial (evaluator.candidates_per_trial; search/batched.py)."""
+    from .search.batched import BatchedSearcher, candidates_per_trial
+
+    g = candidates_per_trial(cfg.evaluator.candidates_per_trial, info.batched, cfg.searcher.offspring, n_eval)
+    if g <= 1:
+        return searcher, num_samples
+    return BatchedSearcher(searcher, g, limit=num_samples if num_samples > 0 else None), -1
+
+
+def run_tune(cfg, info, spec, searcher, space, callbacks: list, storage: Path, name: str):
+    """Drive `searcher` (registry entry `info`) through Ray Tune until it is finished."""
+    from ray import tune
+
+    from .evaluator import make_trainable
+
+    n_eval, res = resources(cfg)
+    stopper = _user_error_stopper()
+    num_samples = getattr(searcher, "num_samples", -1)  # -1: the searcher says when it is finished
+    searcher, num_samples = _batched(cfg, info, searcher, num_samples, n_eval)
+    tuner = tune.Tuner(
+        make_trainable(spec, res),
+        param_space=trial.tune_space(space),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            metric=trial.METRIC,
+            mode="min",
+            num_samples=num_samples,
+            max_concurrent_trials=n_eval,
+            reuse_actors=True,
+            # layer names make Tune's default trial names hundreds of characters long
+            trial_name_creator=lambda t: f"trial_{t.trial_id}",
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage.resolve()),
+            callbacks=callbacks,
+            verbose=0,
+            stop=stopper,
+            # a dead evaluator actor only costs a retry of its candidate, never a generation
+            failure_config=tune.FailureConfig(max_failures=3),
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
+        ),
+    )
+    results = tuner.fit()
+    if stopper.error:
+        raise RayPressError(stopper.error)
+    return results
