@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from . import store
 from .compress.base import torch_threads
-from .compress.quant import dequantize
+from .compress.quant import decode_packed
 from .errors import RayPressError
 
 log = logging.getLogger("raypress")
@@ -119,11 +119,7 @@ def packed_nbytes(n_levels: int, shape, group_size) -> int:
     return n_levels * (out * cols + 2 * 2 * out * _n_groups(cols, group_size))
 
 
-def _dequantize_level(stored: dict, level: int) -> np.ndarray:
-    """float32 [out, in] of one level of a packed dict (== the method's build output, bit for bit)."""
-    gs = stored.get("group_size", -1)
-    return dequantize(stored["codes"][level], stored["scales"][level], stored["zeros"][level],
-                      None if gs in (None, -1) else int(gs)).numpy()
+_dequantize_level = decode_packed
 
 
 _corrupt = store.corrupt
@@ -150,11 +146,9 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
     sdt = storage_dtype_name(storage_dtype)
     tdtype = _DTYPES[sdt][0]
     values = method.level_values()
-    needs_norms = bool(getattr(method, "needs_norms", False))
-    multi = getattr(method, "build_levels", None)
-    pack = bool(getattr(method, "packed", False)) if pack is None else bool(pack)
-    pack_fn = getattr(method, "pack_levels", None) if pack else None
-    if pack and pack_fn is None:
+    needs_norms = method.needs_norms
+    pack = method.packed if pack is None else bool(pack)
+    if pack and not method.packed:
         raise RayPressError(f"{method.name} has no packed storage (pack_levels); build with pack=False")
     dev = torch.device(device)
     arrays, zero, shapes, storage = {}, {}, {}, {}
@@ -170,9 +164,8 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
             dense_bytes = len(values) * W.numel() * itemsize
             unpacked += dense_bytes
             shapes[name] = list(W.shape)
-            if pack_fn is not None and packed_nbytes(len(values), W.shape,
-                                                     getattr(method, "group_size", None) or -1) < dense_bytes:
-                p = pack_fn(W, H, values)
+            if pack and packed_nbytes(len(values), W.shape, method.group_size or -1) < dense_bytes:
+                p = method.pack_levels(W, H, values)
                 for k in range(len(values)):
                     if not (np.isfinite(p["scales"][k]).all() and np.isfinite(p["zeros"][k]).all()):
                         raise RayPressError(f"{method.name}: non-finite scales in layer {name} at level "
@@ -188,10 +181,7 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
                     on_layer(name)
                 continue
             storage[name] = "dense"
-            if multi is not None:
-                variants = multi(W, H, values, **kw)
-            else:
-                variants = [method.build(W, H, v, **kw) for v in values]
+            variants = method.build_levels(W, H, values, **kw)
             stored = torch.empty((len(values), *W.shape), dtype=tdtype, device=dev)
             for k, v in enumerate(variants):
                 stored[k].copy_(v.detach().reshape(W.shape))
@@ -254,8 +244,8 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
     params = method.params()
     mdtype = str(next(model.parameters()).dtype)
     layer_list = list(layers) if layers is not None else None
-    pack = bool(getattr(method, "packed", False)) if pack is None else bool(pack)
-    if pack and getattr(method, "pack_levels", None) is None:
+    pack = method.packed if pack is None else bool(pack)
+    if pack and not method.packed:
         raise RayPressError(f"{method.name} has no packed storage (pack_levels); build with pack=False")
     key = database_key(fingerprint, calib, params, sdt, mdtype, layer_list,
                        storage_format="packed" if pack else "dense")
@@ -272,8 +262,7 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
     if not plan:
         raise RayPressError("no linear layers to compress; check the `layers` selection")
     all_layers = [n for _, mods in plan for n in mods]
-    want = tuple(w for w, flag in (("hessian", getattr(method, "needs_hessian", True)),
-                                   ("norms", getattr(method, "needs_norms", False))) if flag)
+    want = tuple(w for w, flag in (("hessian", method.needs_hessian), ("norms", method.needs_norms)) if flag)
 
     tmp = store.new_tmp(root, key)
     t_start = time.perf_counter()
@@ -391,7 +380,7 @@ def _make_meta(key, spec, fingerprint, method, params, sdt, mdtype, calib, infos
         "model_dtype": mdtype,
         "method": params,
         "method_name": method.name,
-        "value_kind": getattr(method, "value_kind", "sparsity"),
+        "value_kind": method.value_kind,
         "storage_dtype": sdt,
         "storage": "packed" if packed else "dense",
         "layer_storage": {n: layer_storage.get(n, "dense") for n in all_layers},

@@ -48,7 +48,7 @@ def load_run(run_dir) -> tuple[object, dict]:
     if not res.is_file():
         raise RayPressError(f"{d} has no {RESULT_FILE}: the search did not finish; "
                             f"resume it with `raypress search --resume {d}`")
-    return config_from_dict(state["config"]), json.loads(res.read_text())["best_config"]
+    return config_from_dict(state["config"], state.get("explicit", [])), json.loads(res.read_text())["best_config"]
 
 
 def export_run(run_dir, out_dir, overwrite: bool = False) -> Path:

@@ -150,7 +150,7 @@ RUN_CASES = [
     ("infeasible budget", lambda t: {"target": 0.95}, {}, "target=0.95, levels up to 0.9",
      "is outside what levels"),
     ("ladder cannot reach the budget", lambda t: {"target": 0.55, "levels": "[0.0, 0.4, 0.8]"}, {},
-     "target=0.55 with levels [0, 0.4, 0.8]", "is not reachable with levels"),
+     "target=0.55 with levels [0, 0.4, 0.8]", "is not reachable exactly with levels"),
     ("empty corpus", lambda t: {"data.source": _bad_corpus(t, "")}, {}, "an empty text file",
      "produced only 0 tokens"),
     ("too-short corpus", lambda t: {"data.source": _bad_corpus(t, "A few words only. " * 20)}, {},

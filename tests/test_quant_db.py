@@ -8,7 +8,8 @@ from raypress.compress import get_method
 from raypress.compress.base import torch_threads
 from raypress.compress.quant import GPTQ, RTN
 from raypress.compress.swap import WeightSwapApplier
-from raypress.database import _map_safetensors, build_database, database_key, open_database, packed_nbytes
+from raypress.database import build_database, database_key, open_database, packed_nbytes
+from raypress.store import map_safetensors as _map_safetensors
 from raypress.errors import RayPressError
 from raypress.families import dense_levels
 

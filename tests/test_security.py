@@ -86,15 +86,14 @@ def test_optuna_state_with_a_malicious_sampler_is_refused(tmp_path):
     from raypress.space import SearchSpace
 
     space = SearchSpace.from_values([0.0, 0.5, 1.0], 0.5, layers=["a", "b", "c"], n_params=[1, 1, 1])
-    made = make_optuna_searcher(space, sampler="tpe", seed=0, n_tokens=64)
-    s = made[0] if isinstance(made, tuple) else made
+    s = make_optuna_searcher(space, sampler="tpe", seed=0, n_tokens=64)
     state = s.get_state()
     assert state["sampler"]  # a real state round-trips through the allow-list
-    s.set_state(state)
+    make_optuna_searcher(space, sampler="tpe", seed=0, n_tokens=64, state=state)
     marker = tmp_path / "pwned"
     state["sampler"] = base64.b64encode(pickle.dumps(_Evil(marker))).decode()
     with pytest.raises(RayPressError, match="refusing to unpickle"):
-        s.set_state(state)
+        make_optuna_searcher(space, sampler="tpe", seed=0, n_tokens=64, state=state)
     assert not marker.exists()
 
 

@@ -36,6 +36,12 @@ class CompressionMethod(ABC):
     needs_hessian: bool = True
     #: what a level value means, for reports: "sparsity", "bits", ...
     value_kind: str = "sparsity"
+    #: True when build() needs per-input-column norms ‖X_j‖₂ (passed as build(..., norms=...))
+    needs_norms: bool = False
+    #: True when the level database may store this method's levels packed (`pack_levels`)
+    packed: bool = False
+    #: input columns per quantization group (packed storage), None for unquantized methods
+    group_size: int | None = None
 
     @abstractmethod
     def level_values(self) -> list[float]:
@@ -49,6 +55,22 @@ class CompressionMethod(ABC):
     def params(self) -> dict:
         """Settings that change the output (go into the database content hash and MLflow)."""
         return {"name": self.name, "levels": self.level_values()}
+
+    def build_levels(self, weight: torch.Tensor, hessian: torch.Tensor | None, values, **kw) -> list[torch.Tensor]:
+        """All variants of one layer, one per value (methods share work across levels by overriding it)."""
+        return [self.build(weight, hessian, v, **kw) for v in values]
+
+    def pack_levels(self, weight: torch.Tensor, hessian: torch.Tensor | None, values=None) -> dict:
+        """Packed storage of every level (methods with `packed = True`): {"codes", "scales", "zeros",
+        "group_size"} numpy arrays, decoded by `decode_stored`."""
+        raise NotImplementedError(f"{self.name} has no packed storage")
+
+    def decode_stored(self, stored, level: int):
+        """The [out, in] weight of `level` from what the database stored for a layer (a dense stack
+        [n_levels, out, in]; packed methods also decode their `pack_levels` dict)."""
+        if isinstance(stored, dict):
+            raise TypeError(f"{self.name} stores dense stacks, not packed levels")
+        return stored[level]
 
 
 class Applier(ABC):

@@ -130,6 +130,14 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return s * (codes.float() - z)
 
 
+def decode_packed(stored: dict, level: int, group_size: int | None = None):
+    """float32 numpy [out, in] of one level of a packed dict {"codes", "scales", "zeros",
+    "group_size"} (== the method's build output, bit for bit)."""
+    gs = stored.get("group_size", group_size or -1)
+    return dequantize(stored["codes"][level], stored["scales"][level], stored["zeros"][level],
+                      None if gs in (None, -1) else int(gs)).numpy()
+
+
 class _QuantBase(CompressionMethod):
     value_kind = "bits"
     #: storage hint for the database: variants can be stored as uint8 codes + fp16 scales/zeros
@@ -208,9 +216,7 @@ class _QuantBase(CompressionMethod):
         """float32 numpy [out, in] of `level` from what the database stored for a layer: either a
         dense stack [L, out, in] (returned as a view) or a :meth:`pack_levels` dict."""
         if isinstance(stored, dict):
-            gs = stored.get("group_size", self.group_size or -1)
-            return dequantize(stored["codes"][level], stored["scales"][level], stored["zeros"][level],
-                              None if gs in (None, -1) else int(gs)).numpy()
+            return decode_packed(stored, level, self.group_size)
         return stored[level]
 
 

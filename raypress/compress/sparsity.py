@@ -104,18 +104,12 @@ def _smallest_mask(score: torch.Tensor, ks: list[int]) -> torch.Tensor:
 
 class _SparsityBase(CompressionMethod):
     value_kind = "sparsity"
-    #: True when build() needs per-input-column norms ‖X_j‖₂ (passed as build(..., norms=...))
-    needs_norms = False
 
     def __init__(self, levels=None):
         self.levels = _check_levels(levels)
 
     def level_values(self) -> list[float]:
         return list(self.levels)
-
-    def build_levels(self, weight: torch.Tensor, hessian: torch.Tensor | None, values, **kw) -> list[torch.Tensor]:
-        """All variants of one layer, one per value (default: one build() per value)."""
-        return [self.build(weight, hessian, v, **kw) for v in values]
 
 
 class Magnitude(_SparsityBase):

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import RayPressError
 from .base import Applier
+from .quant import decode_packed
 
 
 def _as_tensor(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -116,9 +117,8 @@ class WeightSwapApplier(Applier):
         stored = self._stored(layer)
         if self.decode is not None:
             arr = self.decode(stored, level)
-        elif isinstance(stored, dict):
-            raise RayPressError(f"layer {layer} is stored packed but the applier has no decoder; build it with "
-                                "WeightSwapApplier(refs, decode=method.decode_stored)")
+        elif isinstance(stored, dict):  # packed codes without a decoder: the generic dequantizer
+            arr = decode_packed(stored, level)
         else:
             arr = stored[level]
         return _as_tensor(arr, self._dense[layer])

@@ -45,7 +45,7 @@ class WeightFamily(Family):
         method = self.method(cfg)
         db = self.build_database(cfg, model, adapter, calib)
         space = SearchSpace.for_database(db, cfg.target)
-        applier = WeightSwapApplier(db.put(), self.dense_levels(db), decode=getattr(method, "decode_stored", None)) \
+        applier = WeightSwapApplier(db.put(), self.dense_levels(db), decode=method.decode_stored) \
             if serve else None
         return Prepared(space, applier, db=db, context={"db": db, "method": method},
                         describe={"db.key": db.key, "db.path": str(db.path)})

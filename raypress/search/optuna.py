@@ -42,6 +42,7 @@ budget is fixed by `space.repair` (user attribute "rp_repaired" = True).
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -306,7 +307,6 @@ class RayPressOptunaSearch(OptunaSearch):
     # -- state -------------------------------------------------------------------------
     def get_state(self) -> dict:
         import base64
-        import pickle
 
         from optuna.trial import TrialState
 
@@ -340,7 +340,7 @@ class RayPressOptunaSearch(OptunaSearch):
             "version": 1,
             "trials": done,
             "waiting": waiting,
-            "sampler": base64.b64encode(pickle.dumps(self.study.sampler)).decode(),
+            "sampler": base64.b64encode(_pickle_sampler(self.study.sampler)).decode(),
             "best_config": self.best_config,
             "best_fitness": self.best_fitness,
             "history": self.history,
@@ -384,6 +384,35 @@ class RayPressOptunaSearch(OptunaSearch):
         self._state_rows = {}  # rows of the study this replaces
 
 
+_LOCK_TYPE = type(threading.Lock())
+
+
+def _pickle_sampler(sampler) -> bytes:
+    """The sampler's pickle without its thread locks (optuna 5's NSGA-II holds one; a lock cannot be
+    pickled, and a restored sampler gets a fresh one)."""
+    import pickle
+
+    locks = {k: v for k, v in vars(sampler).items() if isinstance(v, _LOCK_TYPE)}
+    for k in locks:
+        delattr(sampler, k)
+    try:
+        return pickle.dumps((sampler, sorted(locks)))
+    finally:
+        for k, v in locks.items():
+            setattr(sampler, k, v)
+
+
+def _unpickle_sampler(data: bytes):
+    from ..safe_pickle import safe_loads  # the state file may come from elsewhere: allow-listed types only
+
+    obj = safe_loads(data, ("optuna.samplers", "optuna.distributions", "optuna.search_space", "raypress.search.tpe"),
+                     "the saved Optuna sampler")
+    sampler, locks = obj if isinstance(obj, tuple) else (obj, [])  # states before locks were dropped: bare
+    for k in locks:
+        setattr(sampler, k, threading.Lock())
+    return sampler
+
+
 def _restore_study(storage, name: str, direction: str, fspace: FeasibleSpace, state: dict):
     """Rebuild a saved study (finished trials, waiting trials, sampler) inside `storage`; returns
     the restored sampler."""
@@ -392,13 +421,9 @@ def _restore_study(storage, name: str, direction: str, fspace: FeasibleSpace, st
     from optuna.distributions import IntDistribution
     from optuna.trial import TrialState, create_trial
 
-    from ..safe_pickle import safe_loads  # the state file may come from elsewhere: allow-listed types only
-
     if not state or state.get("kind") != "optuna":
         raise RayPressError("the saved searcher state is not an Optuna state; resume with the same searcher")
-    sampler = safe_loads(base64.b64decode(state["sampler"]),
-                         ("optuna.samplers", "optuna.distributions", "optuna.search_space", "raypress.search.tpe"),
-                         "the saved Optuna sampler")
+    sampler = _unpickle_sampler(base64.b64decode(state["sampler"]))
     study = optuna.create_study(storage=storage, sampler=sampler, pruner=optuna.pruners.NopPruner(),
                                 study_name=name, direction=direction)
     layers = fspace.decoder.layers
