@@ -51,12 +51,16 @@ def main(argv=None) -> int:
     if "tracking.uri" not in keys and not os.environ.get("MLFLOW_TRACKING_URI"):
         home.mkdir(parents=True, exist_ok=True)
         sets.append(f"tracking.uri=sqlite:///{home / 'mlflow.db'}")
-    cmd = ["compare", "--config", str(ROOT / "search_spaces/opt66b_sparsity.yaml"), "--searchers", args.searchers]
+    common = ["--config", str(ROOT / "search_spaces/opt66b_sparsity.yaml"), "--searchers", args.searchers]
     if args.targets:
-        cmd += ["--targets", args.targets]
+        common += ["--targets", args.targets]
     for s in sets:
-        cmd += ["--set", s]
-    return cli_main(cmd)
+        common += ["--set", s]
+    # what will start (and why not), from config.json alone, before the first GPU-hour is spent
+    rc = cli_main(["plan", *common])
+    if rc:
+        return rc
+    return cli_main(["compare", *common])
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ def iter_block_stats(model, adapter, calib: np.ndarray, want: Sequence[str] = ("
                      out_device="cpu", share_inputs: bool = True,
                      ) -> Iterator[tuple[int, dict[str, dict[str, torch.Tensor]]]]:
     """Yield (block_index, {stat: {layer: tensor}}) for each block holding requested layers,
-    in forward order, running the dense model one block at a time."""
+    in forward order, running the dense model one block at a time (a streamed model's blocks are
+    materialized for their turn and freed after it: load_model(..., streamed=True))."""
     want = tuple(dict.fromkeys(want))
     bad = [w for w in want if w not in STATS]
     if bad or not want:
@@ -216,8 +217,11 @@ def iter_block_stats(model, adapter, calib: np.ndarray, want: Sequence[str] = ("
         kws = [_to(kw, device) for _, kw in states]
         del states
     bar = tqdm(total=last + 1, desc="calibration", unit="block", disable=not progress)
+    loader = getattr(model, "raypress_blocks", None)  # streamed models: one block materialized at a time
     try:
         for i in range(last + 1):
+            if loader is not None:
+                loader.load(i)
             block = blocks[i]
             bdev = _model_device(block)
             acc = _Accumulator(wanted.get(i, {}), want, device, share_inputs)
@@ -237,7 +241,9 @@ def iter_block_stats(model, adapter, calib: np.ndarray, want: Sequence[str] = ("
                 result = acc.result(out_device) if i in wanted else None
             bar.update(1)
             if result is not None:
-                yield i, result
+                yield i, result  # the caller compresses block i now: it stays materialized until it resumes
+            if loader is not None:
+                loader.release(i)
     finally:
         bar.close()
 

@@ -75,7 +75,7 @@ def cmd_build_db(args) -> int:
     family = get_family(cfg.family)
     if not family.has_database:
         raise RayPressError(f"family '{cfg.family}' needs no database; run `raypress search` directly")
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, **family.driver_model(cfg))
     tokens = load_tokens(cfg.data.source, tok, cfg.data.max_tokens)
     splits = make_splits(tokens, cfg.data.seq_len, cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
     db = family.build_database(cfg, model, get_adapter(model), splits.calib)

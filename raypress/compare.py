@@ -13,6 +13,7 @@ import time
 
 from .calibrate import StatsCache
 from .config import Config, validate
+from .models import RANDOM_NOTE, is_random
 from .ray_env import ensure_ray
 from .runner import run_search
 from .search import registry
@@ -91,6 +92,8 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
             p = Path(d) / "comparison.txt"
             p.write_text(table + "\n")
             parent.log_file(p)
+    if is_random(cfg.model):
+        table = f"[{RANDOM_NOTE}]\n{table}"
     print(table)
     print(f"MLflow: {parent.uri}  parent run {parent.run_id}")
     return rows

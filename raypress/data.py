@@ -276,6 +276,9 @@ def load_tokens(source: str, tokenizer, max_tokens: int | None = None) -> np.nda
         raise RayPressError(f"unknown data source '{src}'{hint}; use {SOURCES_HELP}")
     if tokens.size < 2:
         raise RayPressError(f"data source '{src}' produced only {tokens.size} tokens; use a larger text source")
+    fold = getattr(tokenizer, "raypress_fold_vocab", None)  # random:<arch> models: the default tokenizer's
+    if fold:                                                # ids folded into the model's vocabulary
+        tokens = tokens % int(fold)
     return tokens
 
 

@@ -140,75 +140,84 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
     pack: store ``method.pack_levels`` output (codes/scales/zeros) for each layer where it is smaller
     than the dense stack (None: when ``method.packed``); the entry then also has "storage"
     {layer: "packed"|"dense"}, "group_size" and "unpacked_bytes" (the dense stacks' size)."""
-    from safetensors.numpy import save as st_save
+    import io
 
     t0 = time.perf_counter()
     sdt = storage_dtype_name(storage_dtype)
-    tdtype = _DTYPES[sdt][0]
+    tdtype, npdtype = _DTYPES[sdt][0], np.dtype(_DTYPES[sdt][1])
     values = method.level_values()
-    needs_norms = method.needs_norms
+    L = len(values)
     pack = method.packed if pack is None else bool(pack)
     if pack and not method.packed:
         raise RayPressError(f"{method.name} has no packed storage (pack_levels); build with pack=False")
-    dev = torch.device(device)
-    arrays, zero, shapes, storage = {}, {}, {}, {}
-    group_size, unpacked = None, 0
-    itemsize = np.dtype(_DTYPES[sdt][1]).itemsize
-    with torch.no_grad(), torch_threads(threads if dev.type == "cpu" else None):
-        for name, W in weights.items():
-            st = stats.get(name, {}) or {}
-            H = st.get("hessian")
-            W = W.detach().to(dev)
-            H = H.to(dev) if H is not None else None
-            kw = {"norms": st["norms"].to(dev) if st.get("norms") is not None else None} if needs_norms else {}
-            dense_bytes = len(values) * W.numel() * itemsize
-            unpacked += dense_bytes
-            shapes[name] = list(W.shape)
-            if pack and packed_nbytes(len(values), W.shape, method.group_size or -1) < dense_bytes:
-                p = method.pack_levels(W, H, values)
-                for k in range(len(values)):
-                    if not (np.isfinite(p["scales"][k]).all() and np.isfinite(p["zeros"][k]).all()):
-                        raise RayPressError(f"{method.name}: non-finite scales in layer {name} at level "
-                                            f"{values[k]}; raise percdamp or use more calibration tokens")
-                n = W.numel()
-                zero[name] = [float((_dequantize_level(p, k) == 0).sum()) / n for k in range(len(values))]
-                for part in _PACKED_PARTS:
-                    arrays[_part_key(name, part)] = np.ascontiguousarray(p[part])
-                group_size = int(p["group_size"])
-                storage[name] = "packed"
-                del p
-                if on_layer is not None:
-                    on_layer(name)
-                continue
+    gs = method.group_size or -1
+    # what goes where is known from the shapes alone: the file's header is written first and every
+    # layer's levels are streamed into it as soon as they are built (peak memory: one layer's stack)
+    storage, specs = {}, []
+    for name, W in weights.items():
+        out, cols = W.shape
+        if pack and packed_nbytes(L, W.shape, gs) < L * W.numel() * npdtype.itemsize:
+            storage[name] = "packed"
+            G = _n_groups(cols, gs)
+            specs += [(_part_key(name, "codes"), np.uint8, (L, out, cols)),
+                      (_part_key(name, "scales"), np.float16, (L, out, G)),
+                      (_part_key(name, "zeros"), np.float16, (L, out, G))]
+        else:
             storage[name] = "dense"
-            variants = method.build_levels(W, H, values, **kw)
-            stored = torch.empty((len(values), *W.shape), dtype=tdtype, device=dev)
-            for k, v in enumerate(variants):
-                stored[k].copy_(v.detach().reshape(W.shape))
-            del variants
-            finite = torch.isfinite(stored).flatten(1).all(1)
-            if not bool(finite.all()):
-                bad = int((~finite).nonzero()[0, 0])
-                raise RayPressError(f"{method.name}: non-finite weights in layer {name} at level {values[bad]} "
-                                    f"(storage {sdt}); raise percdamp, use more calibration tokens or "
-                                    "storage_dtype=float32")
-            n = stored[0].numel()
-            zero[name] = [int(c) / n for c in (stored == 0).flatten(1).sum(1).cpu()]
-            arrays[name] = stored.cpu().numpy()
-            del stored
-            if on_layer is not None:
-                on_layer(name)
+            specs.append((name, npdtype, (L, out, cols)))
+    group_size = gs if "packed" in storage.values() else None
     st_meta = {"format": f"raypress-db-{FORMAT}", "block": str(block_idx)}
     if group_size is not None:
         st_meta["group_size"] = str(group_size)
-    data = st_save(arrays, metadata=st_meta)
     fname = f"block_{block_idx:03d}.safetensors"
-    if not return_data:
-        with open(Path(out_dir) / fname, "wb") as fh:
-            fh.write(data)
-    info = {"index": int(block_idx), "file": fname, "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data), "layers": list(weights), "shapes": shapes, "zero_fraction": zero,
-            "storage": storage, "group_size": group_size, "unpacked_bytes": int(unpacked),
+    fh = io.BytesIO() if return_data else open(Path(out_dir) / fname, "wb")
+    zero, shapes, unpacked = {}, {}, 0
+    dev = torch.device(device)
+    try:
+        writer = store.TensorWriter(fh, specs, st_meta)
+        with torch.no_grad(), torch_threads(threads if dev.type == "cpu" else None):
+            for name, W in weights.items():
+                st = stats.get(name, {}) or {}
+                H = st.get("hessian")
+                W = W.detach().to(dev)
+                H = H.to(dev) if H is not None else None
+                unpacked += L * W.numel() * npdtype.itemsize
+                shapes[name] = list(W.shape)
+                if storage[name] == "packed":
+                    p = method.pack_levels(W, H, values)
+                    for k in range(L):
+                        if not (np.isfinite(p["scales"][k]).all() and np.isfinite(p["zeros"][k]).all()):
+                            raise RayPressError(f"{method.name}: non-finite scales in layer {name} at level "
+                                                f"{values[k]}; raise percdamp or use more calibration tokens")
+                    zero[name] = [float((_dequantize_level(p, k) == 0).sum()) / W.numel() for k in range(L)]
+                    for part in _PACKED_PARTS:
+                        writer.write(_part_key(name, part), p[part])
+                    del p
+                else:
+                    kw = {"norms": st["norms"].to(dev) if st.get("norms") is not None else None} \
+                        if method.needs_norms else {}
+                    variants = method.build_levels(W, H, values, **kw)
+                    stored = torch.empty((L, *W.shape), dtype=tdtype, device=dev)
+                    for k, v in enumerate(variants):
+                        stored[k].copy_(v.detach().reshape(W.shape))
+                    del variants
+                    finite = torch.isfinite(stored).flatten(1).all(1)
+                    if not bool(finite.all()):
+                        bad = int((~finite).nonzero()[0, 0])
+                        raise RayPressError(f"{method.name}: non-finite weights in layer {name} at level "
+                                            f"{values[bad]} (storage {sdt}); raise percdamp, use more calibration "
+                                            "tokens or storage_dtype=float32")
+                    zero[name] = [int(c) / stored[0].numel() for c in (stored == 0).flatten(1).sum(1).cpu()]
+                    writer.write(name, stored.cpu().numpy())
+                    del stored
+                if on_layer is not None:
+                    on_layer(name)
+        entry = writer.close()
+        data = fh.getvalue() if return_data else None
+    finally:
+        fh.close()
+    info = {"index": int(block_idx), "file": fname, **entry, "layers": list(weights), "shapes": shapes,
+            "zero_fraction": zero, "storage": storage, "group_size": group_size, "unpacked_bytes": int(unpacked),
             "seconds": time.perf_counter() - t0}
     if return_data:
         info["data"] = data
@@ -276,7 +285,7 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
             stats_iter = iter_block_stats(model, adapter, calib, want, batch_size, device, layer_list,
                                           progress=False)
         else:
-            stats_iter = iter((i, {}) for i, _ in plan)
+            stats_iter = _blocks_without_stats(model, plan)
         mods_of = dict(plan)
 
         def per_layer_stats(st: dict, names) -> dict:
@@ -322,6 +331,18 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
              key[:12], total, t_calib, len(all_layers), len(meta["level_values_list"]),
              meta["total_bytes"] / 2**20, final)
     return LevelDatabase(final, meta)
+
+
+def _blocks_without_stats(model, plan):
+    """(block index, {}) per block for methods that need no calibration; a streamed model's block
+    is materialized while the caller compresses it."""
+    loader = getattr(model, "raypress_blocks", None)
+    for i, _ in plan:
+        if loader is not None:
+            loader.load(i)
+        yield i, {}
+        if loader is not None:
+            loader.release(i)
 
 
 def _build_parallel(next_stats, mods_of, per_layer_stats, method, sdt, tmp, bar, max_inflight=2,

@@ -273,11 +273,82 @@ def _resolve_hub_id(spec: str) -> Path:
     return folder
 
 
+# ----------------------------------------------------------------------------- random:<arch>[@N]
+RANDOM_PREFIX = "random:"
+#: the architectures `random:<name>` knows (raypress/model_configs/<name>.json)
+RANDOM_ARCHS = ("llama-3-8b", "llama-3.1-70b", "mistral-7b", "opt-66b", "smollm2-135m")
+RANDOM_NOTE = "random weights: time and memory are real, quality numbers are meaningless"
+#: the tokenizer random models use (their token ids are folded into the model's vocabulary)
+DEFAULT_TOKENIZER = "smollm2-135m"
+
+
+def is_random(spec) -> bool:
+    return isinstance(spec, str) and spec.strip().startswith(RANDOM_PREFIX)
+
+
+def _parse_random(spec: str) -> tuple[str, Path, int | None]:
+    """'random:llama-3-8b@16' -> (name, config.json path, 16)."""
+    body = spec.strip()[len(RANDOM_PREFIX):]
+    name, _, blocks = body.partition("@")
+    if blocks and not (blocks.isdigit() and int(blocks) >= 1):
+        raise RayPressError(f"model '{spec}': after @ comes the number of blocks to keep, e.g. random:llama-3-8b@16")
+    path = Path(__file__).parent / "model_configs" / f"{name}.json"
+    if name not in RANDOM_ARCHS:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise RayPressError(f"model '{spec}': '{name}' is neither a bundled architecture ({', '.join(RANDOM_ARCHS)}) "
+                                "nor a path to a config.json")
+    return (Path(name).stem if name not in RANDOM_ARCHS else name), path, int(blocks) if blocks else None
+
+
+def _resolve_random(spec: str) -> Path:
+    """A cache folder with the architecture's config.json (first N blocks) and the default tokenizer;
+    no weights: they are generated where they are needed (weight_source.RandomWeights)."""
+    name, path, blocks = _parse_random(spec)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RayPressError(f"model '{spec}': cannot read {path} ({_first_line(e)}); give a Hugging Face config.json") from None
+    full = int(cfg.get("num_hidden_layers", 0))
+    if blocks is not None:
+        if blocks > full:
+            raise RayPressError(f"model '{spec}' keeps {blocks} blocks but {name} has {full}; use @1..@{full}")
+        cfg["num_hidden_layers"] = blocks
+        for key, val in list(cfg.items()):  # per-layer lists (layer_types, ...) follow the kept blocks
+            if isinstance(val, list) and len(val) == full and key != "architectures":
+                cfg[key] = val[:blocks]
+    cfg["raypress_random"] = {"name": name, "blocks": cfg["num_hidden_layers"], "of": full, "seed": 0,
+                              "note": RANDOM_NOTE}
+    text = json.dumps(cfg, indent=1, sort_keys=True)
+    tag = hashlib.sha256(text.encode()).hexdigest()[:8]
+    target = cache_dir() / "random" / f"{name}@{cfg['num_hidden_layers']}-{tag}"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    tok_dir = Path(resolve_model(DEFAULT_TOKENIZER))
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(text)
+    for f in tok_dir.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens")) or f.suffix in (".model", ".tiktoken")):
+            shutil.copy2(f, tmp / f.name)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def resolve_model(spec: str) -> str:
-    """Alias -> converted cache folder; local folder -> itself; .gguf file -> converted folder; else HF id."""
+    """Alias -> converted cache folder; local folder -> itself; .gguf file -> converted folder;
+    random:<arch>[@N] -> a config-only folder; else HF id."""
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise RayPressError(f"model spec must be a non-empty string, got {spec!r}; use a folder, a HF id or smollm2-135m")
     spec = os.fspath(spec).strip()
+    if is_random(spec):
+        return str(_resolve_random(spec))
     if spec.lower() in ALIASES:
         return str(_resolve_alias(spec.lower()))
     path = Path(spec).expanduser()
@@ -310,19 +381,59 @@ def _as_dtype(dtype) -> torch.dtype:
     return dt
 
 
-def load_model(spec: str, dtype=torch.float32, device="cpu", tokenizer: bool = True, **hf_kwargs):
+def _load_materialized(folder: str, spec: str, dt, device, streamed: bool, **hf_kwargs):
+    """The model built on the meta device and materialized from its WeightSource (random weights, or
+    the folder's safetensors read tensor by tensor); streamed: only the parts outside the decoder
+    blocks now, the blocks one at a time through `model.raypress_blocks` (weight_source.BlockLoader)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .adapters import get_adapter
+    from .weight_source import BlockLoader, RandomWeights, SafetensorsWeights, materialize
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dt, **hf_kwargs)
+    rnd = getattr(config, "raypress_random", None)
+    source = RandomWeights(rnd.get("seed", 0), getattr(config, "initializer_range", 0.02)) if rnd else \
+        SafetensorsWeights(folder)
+    adapter = get_adapter(model)
+    blocks = adapter.blocks()
+    if streamed:
+        keep = {id(p) for b in blocks for p in b.parameters()}
+        for name, p in list(model.named_parameters()):
+            if id(p) not in keep and p.device.type == "meta":
+                owner, _, attr = name.rpartition(".")
+                m = model.get_submodule(owner) if owner else model
+                materialize(m, f"{owner}." if owner else "", source, device)
+        model.raypress_blocks = BlockLoader(adapter, source, device)
+    else:
+        materialize(model, "", source, device)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.raypress_random = bool(rnd)
+    return model.eval()
+
+
+def load_model(spec: str, dtype=torch.float32, device="cpu", tokenizer: bool = True, streamed: bool = False,
+               **hf_kwargs):
     """(model in eval mode on `device`, tokenizer).
 
     `dtype` may be a torch dtype or a name ("float16", "bf16", "auto" = float32). `tokenizer=False`
-    skips the tokenizer (returns None). Extra keyword arguments go to `from_pretrained`
-    (e.g. attn_implementation="eager").
+    skips the tokenizer (returns None). streamed=True: decoder blocks stay on the meta device and are
+    materialized one at a time by the streamed calibration / database build (`model.raypress_blocks`);
+    random:<arch> models are always built this way (their weights are generated, never read). Extra
+    keyword arguments go to `from_pretrained` (e.g. attn_implementation="eager").
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(spec)
     dt = _as_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=True, **hf_kwargs)
+        if is_random(spec) or streamed:
+            model = _load_materialized(folder, spec, dt, device, streamed, **hf_kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=True, **hf_kwargs)
     except ValueError as e:
         if "Unrecognized configuration" in str(e) or "model type" in str(e):
             raise RayPressError(f"model '{spec}' is not a causal LM transformers {_tf_version()} can load ({_first_line(e)}); "
@@ -332,7 +443,7 @@ def load_model(spec: str, dtype=torch.float32, device="cpu", tokenizer: bool = T
         raise RayPressError(f"cannot load model weights from '{folder}' ({_first_line(e)}); "
                             "re-save the model with save_pretrained") from None
     model.eval()
-    if device is not None:
+    if device is not None and not hasattr(model, "raypress_blocks"):
         try:
             model.to(device)
         except (RuntimeError, AssertionError) as e:
@@ -345,6 +456,8 @@ def load_model(spec: str, dtype=torch.float32, device="cpu", tokenizer: bool = T
         except Exception as e:
             raise RayPressError(f"model folder '{folder}' has no usable tokenizer ({_first_line(e)}); save one next "
                                 "to the weights with tokenizer.save_pretrained(folder)") from None
+        if is_random(spec) and len(tok) > model.config.vocab_size:
+            tok.raypress_fold_vocab = int(model.config.vocab_size)  # data.load_tokens folds ids into the vocabulary
     return model, tok
 
 

@@ -12,7 +12,7 @@ import copy
 from .config import validate
 from .errors import RayPressError
 from .families import get_family
-from .models import get_adapter, meta_model
+from .models import RANDOM_NOTE, get_adapter, is_random, meta_model
 from .search import registry
 
 
@@ -46,7 +46,7 @@ def plan(cfg, targets=None, searchers=None) -> dict:
             checks.append({"target": t, "searcher": n, "ok": ok, "message": msg, "budget": space.budget,
                            "nearest": list(verdict.nearest)})
     return {"model": cfg.model, "family": cfg.family, "method": cfg.method, "units": units, "total_params": total,
-            "checks": checks}
+            "checks": checks, **({"note": RANDOM_NOTE} if is_random(cfg.model) else {})}
 
 
 def _starts(cfg, space, info) -> str:
@@ -61,7 +61,7 @@ def _starts(cfg, space, info) -> str:
 
 def format_plan(report: dict) -> str:
     head = (f"{report['model']} · {report['family']} ({report['method']}) · {report['units']} units, "
-            f"{report['total_params']} parameters")
+            f"{report['total_params']} parameters" + (f" · {report['note']}" if report.get("note") else ""))
     lines = [head, f"{'target':>8}  {'searcher':<9} {'ok':<3} message", "-" * 72]
     for c in report["checks"]:
         lines.append(f"{c['target']:>8g}  {c['searcher']:<9} {'yes' if c['ok'] else 'no':<3} {c['message']}")

@@ -20,7 +20,7 @@ from .config import Config
 from .data import load_tokens, make_splits
 from .evaluator import Evaluator, EvaluatorSpec
 from .families import get_family
-from .models import get_adapter, load_model
+from .models import RANDOM_NOTE, get_adapter, is_random, load_model
 from .ray_env import ensure_ray, resources
 from .rundir import STATE_FILE, read_state
 from .search import registry
@@ -50,10 +50,11 @@ class SearchResult:
     run_id: str
     experiment_dir: str | None = None
     history: list = field(default_factory=list)
+    note: str | None = None  # e.g. random weights: the quality numbers are meaningless
 
     def summary(self) -> str:
         return (
-            f"{self.run_name}: held-out perplexity dense {self.ppl_dense:.2f} | uniform {self.ppl_uniform:.2f} | "
+            (f"[{self.note}] " if self.note else "") + f"{self.run_name}: held-out perplexity dense {self.ppl_dense:.2f} | uniform {self.ppl_uniform:.2f} | "
             f"searched {self.ppl_best:.2f} (KL {self.kl_uniform:.4f} -> {self.kl_best:.4f}, "
             f"{self.evaluations} evaluations, search {self.search_s:.0f}s, total {self.wall_s:.0f}s)"
         )
@@ -104,7 +105,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
     info = registry.get_searcher(cfg.searcher.name)
 
     # everything a user can get wrong is checked before an MLflow run exists
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, **get_family(cfg.family).driver_model(cfg))
     adapter = get_adapter(model)
     family, _ = preflight(cfg, adapter)
     tokens = load_tokens(cfg.data.source, tokenizer, cfg.data.max_tokens)
@@ -121,7 +122,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
                  run_name, out_dir, out_dir)
         if not resume:
             tracker.log_params(cfg.flat())
-            tracker.set_tags({"raypress.output_dir": str(out_dir.resolve())})
+            tracker.set_tags({"raypress.output_dir": str(out_dir.resolve()),
+                              **({"raypress.random_weights": RANDOM_NOTE} if is_random(cfg.model) else {})})
         t_db = time.time()
         prep = family.prepare(cfg, model, adapter, splits.calib)
         db_s = time.time() - t_db
@@ -191,6 +193,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             run_id=tracker.run_id,
             experiment_dir=str(out_dir.resolve()),
             history=history,
+            note=RANDOM_NOTE if is_random(cfg.model) else None,
         )
         _report(tracker, cfg, space, result, out_dir)
     return result
@@ -222,6 +225,7 @@ def _report(tracker, cfg: Config, space, result: SearchResult, out_dir: Path) ->
         "method": cfg.method,
         "target": cfg.target,
         "mean_value": result.mean_value,
+        **({"note": result.note} if result.note else {}),
         "layers": {l: {"level": best[l], "value": v} for l, v in desc["values"].items()},
     }, "best_config.json")
     tracker.log_json(result.history, "history.json")

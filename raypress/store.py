@@ -167,3 +167,48 @@ def verify_files(path: Path, files: dict, verify=True) -> None:
             raise corrupt(path, f"{fname} has {f.stat().st_size} bytes, expected {info['bytes']}")
         if verify != "size" and sha256_file(f) != info["sha256"]:
             raise corrupt(path, f"{fname} sha256 mismatch")
+
+
+_NP_TO_ST = {np.dtype(v): k for k, v in ST_TO_NP.items()}
+
+
+class TensorWriter:
+    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes) first, then
+    each tensor's bytes as soon as it is computed, so a builder never holds a whole file (nor its
+    serialized copy). `close()` returns the file's meta.json entry {sha256, bytes}."""
+
+    def __init__(self, fh, specs, metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        off = 0
+        self.order, self.expect = [], {}
+        for name, dtype, shape in specs:
+            dt = np.dtype(dtype)
+            n = dt.itemsize * int(np.prod(shape))
+            header[name] = {"dtype": _NP_TO_ST[dt], "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
+            self.order.append(name)
+            self.expect[name] = (dt, tuple(int(s) for s in shape))
+            off += n
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)  # safetensors aligns the data to 8 bytes
+        self.fh, self.sha, self.total, self.next = fh, hashlib.sha256(), 8 + len(hb) + off, 0
+        self._put(len(hb).to_bytes(8, "little"))
+        self._put(hb)
+
+    def _put(self, b) -> None:
+        self.sha.update(b)
+        self.fh.write(b)
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        if self.next >= len(self.order) or self.order[self.next] != name:
+            raise ValueError(f"tensor {name} written out of order (expected {self.order[self.next:self.next + 1]})")
+        dt, shape = self.expect[name]
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype != dt or arr.shape != shape:
+            raise ValueError(f"tensor {name}: {arr.dtype}{arr.shape} written, {dt}{shape} declared")
+        self._put(memoryview(arr.reshape(-1).view(np.uint8)))
+        self.next += 1
+
+    def close(self) -> dict:
+        if self.next != len(self.order):
+            raise ValueError(f"{len(self.order) - self.next} declared tensors were not written")
+        return {"sha256": self.sha.hexdigest(), "bytes": self.total}

@@ -202,3 +202,15 @@ def test_wanda_and_magnitude_databases(tiny, tmp_path):
             assert [round(db.actual_sparsity(layer, k), 2) for k in range(3)] == [0.0, 0.25, 0.5]
     with pytest.raises(RayPressError):
         build_database(spec, model, ad, get_method("magnitude"), calib, cache_root=tmp_path, storage_dtype="int4")
+
+
+def test_block_files_are_standard_safetensors(built):
+    """Block files are streamed layer by layer (store.TensorWriter); the safetensors library reads them."""
+    from safetensors import safe_open
+
+    db, _ = built
+    for b in db.meta["blocks"]:
+        with safe_open(str(db.path / b["file"]), "np") as f:
+            assert set(f.keys()) == set(b["layers"])
+            for layer in b["layers"]:
+                assert np.array_equal(f.get_tensor(layer), db.stored(layer))

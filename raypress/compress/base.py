@@ -56,9 +56,11 @@ class CompressionMethod(ABC):
         """Settings that change the output (go into the database content hash and MLflow)."""
         return {"name": self.name, "levels": self.level_values()}
 
-    def build_levels(self, weight: torch.Tensor, hessian: torch.Tensor | None, values, **kw) -> list[torch.Tensor]:
-        """All variants of one layer, one per value (methods share work across levels by overriding it)."""
-        return [self.build(weight, hessian, v, **kw) for v in values]
+    def build_levels(self, weight: torch.Tensor, hessian: torch.Tensor | None, values, **kw):
+        """All variants of one layer, one per value, in order (an iterable: this default builds each
+        level when it is consumed, so a builder holds one float32 variant at a time; methods that
+        share work across levels override it)."""
+        return (self.build(weight, hessian, v, **kw) for v in values)
 
     def pack_levels(self, weight: torch.Tensor, hessian: torch.Tensor | None, values=None) -> dict:
         """Packed storage of every level (methods with `packed = True`): {"codes", "scales", "zeros",

@@ -118,14 +118,27 @@ class Magnitude(_SparsityBase):
     name = "magnitude"
     needs_hessian = False
 
+    def params(self) -> dict:
+        # "order": the smallest |W| go first, ties in index order (one stable sort serves every level)
+        return {**super().params(), "order": "stable"}
+
     def build(self, weight, hessian=None, value=0.0, **_):
-        v = _check_value(value)
-        W = weight.detach().float().clone()
-        k = _n_prune(W.numel(), v)
-        if k:
-            idx = torch.topk(W.abs().flatten(), k, largest=False, sorted=False).indices
-            W.view(-1)[idx] = 0
-        return W
+        return next(iter(self.build_levels(weight, hessian, [value])))
+
+    def build_levels(self, weight, hessian, values, **_):
+        """One stable sort of |W| for all levels (9 large-k top-k selections cost more time and
+        memory); level s zeroes the round(numel * s) smallest. A generator: one variant at a time."""
+        vals = [_check_value(v) for v in values]
+        W = weight.detach().float()
+        order = None
+        for v in vals:
+            out = W.clone()
+            k = _n_prune(W.numel(), v)
+            if k:
+                if order is None:
+                    order = torch.argsort(W.abs().flatten(), stable=True)
+                out.view(-1)[order[:k]] = 0
+            yield out
 
 
 class Wanda(_SparsityBase):

@@ -103,6 +103,11 @@ class Family(ABC):
 
         return load_exported(path)[0]
 
+    def driver_model(self, cfg) -> dict:
+        """load_model keyword arguments for the driver's copy of the model (the weight families stream
+        random:<arch> models block by block in the storage dtype; the others load it whole)."""
+        return {}
+
     def build_database(self, cfg, model, adapter, calib):
         """Build (or find cached) the database only; families without one say so."""
         raise RayPressError(f"family '{self.name}' needs no database; run `raypress search` directly")

@@ -12,6 +12,7 @@ from ..compress.swap import WeightSwapApplier
 from ..database import build_database
 from ..errors import RayPressError
 from ..export import base_info, clean_levels, write_export
+from ..models import is_random
 from ..search.schedules import run_schedule
 from ..space import SearchSpace
 from .base import Family, Prepared
@@ -20,6 +21,10 @@ from .base import Family, Prepared
 class WeightFamily(Family):
     keys = ("levels", "database.storage_dtype", "database.parallel", "database.device")
     has_database = True
+
+    def driver_model(self, cfg) -> dict:
+        # random models never exist whole: the streamed build generates one block at a time
+        return {"streamed": True, "dtype": cfg.database.storage_dtype} if is_random(cfg.model) else {}
 
     def method(self, cfg):
         """The CompressionMethod of cfg (its ladder from cfg.levels, else the method's default)."""
