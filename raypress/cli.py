@@ -86,13 +86,15 @@ def cmd_build_db(args) -> int:
 
 def cmd_plan(args) -> int:
     from .config import load_config
-    from .plan import format_plan, plan
+    from .plan import format_plan, format_resources, plan, resources
 
     cfg = load_config(args.config, args.set)
     targets = _floats(args.targets, "--targets") if args.targets else None
     searchers = [s.strip() for s in args.searchers.split(",") if s.strip()] if args.searchers else None
     report = plan(cfg, targets, searchers)
-    print(json.dumps(report, indent=1) if args.json else format_plan(report))
+    report["resources"] = resources(cfg, args.cluster)
+    print(json.dumps(report, indent=1) if args.json else format_plan(report) + "\n\n" +
+          format_resources(report["resources"]))
     return 0
 
 
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pl)
     pl.add_argument("--targets", help="comma list of targets to check (default: the config's target)")
     pl.add_argument("--searchers", help="comma list of searchers (default: every searcher)")
+    pl.add_argument("--cluster", help="NODESxGPUS[xGPU_GB] to size the resources for (default: this machine)")
     pl.add_argument("--json", action="store_true", help="print JSON: {\"checks\": [{target, searcher, ok, message}], ...}")
     pl.set_defaults(func=cmd_plan)
     b = sub.add_parser("build-db", help="build (or find cached) the level database only")

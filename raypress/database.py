@@ -189,7 +189,7 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
                         if not (np.isfinite(p["scales"][k]).all() and np.isfinite(p["zeros"][k]).all()):
                             raise RayPressError(f"{method.name}: non-finite scales in layer {name} at level "
                                                 f"{values[k]}; raise percdamp or use more calibration tokens")
-                    zero[name] = [float((_dequantize_level(p, k) == 0).sum()) / W.numel() for k in range(L)]
+                    zero[name] = [np.count_nonzero(_dequantize_level(p, k) == 0) / W.numel() for k in range(L)]
                     for part in _PACKED_PARTS:
                         writer.write(_part_key(name, part), p[part])
                     del p
@@ -201,14 +201,17 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
                     for k, v in enumerate(variants):
                         stored[k].copy_(v.detach().reshape(W.shape))
                     del variants
-                    finite = torch.isfinite(stored).flatten(1).all(1)
-                    if not bool(finite.all()):
-                        bad = int((~finite).nonzero()[0, 0])
+                    finite = [bool(torch.isfinite(stored[k]).all()) for k in range(L)]
+                    if not all(finite):
+                        bad = finite.index(False)
                         raise RayPressError(f"{method.name}: non-finite weights in layer {name} at level "
                                             f"{values[bad]} (storage {sdt}); raise percdamp, use more calibration "
                                             "tokens or storage_dtype=float32")
-                    zero[name] = [int(c) / stored[0].numel() for c in (stored == 0).flatten(1).sum(1).cpu()]
-                    writer.write(name, stored.cpu().numpy())
+                    arr = stored.cpu().numpy()
+                    # per level: (stored == 0).sum(1) over the whole stack would make an int64 copy of it
+                    zero[name] = [np.count_nonzero(arr[k] == 0) / arr[k].size for k in range(L)]
+                    writer.write(name, arr)
+                    del arr
                     del stored
                 if on_layer is not None:
                     on_layer(name)

@@ -66,3 +66,94 @@ def format_plan(report: dict) -> str:
     for c in report["checks"]:
         lines.append(f"{c['target']:>8g}  {c['searcher']:<9} {'yes' if c['ok'] else 'no':<3} {c['message']}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- resources
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def parse_cluster(text: str | None) -> tuple[int, int, float | None]:
+    """'NODESxGPUS[xGPU_GB]' -> (nodes, gpus per node, GPU GiB or None); None: this machine."""
+    if not text:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if n else None
+        return 1, n, gb
+    parts = text.lower().split("x")
+    try:
+        nums = [float(p) for p in parts]
+        if len(nums) not in (2, 3) or nums[0] < 1 or nums[1] < 0 or nums[0] != int(nums[0]) or nums[1] != int(nums[1]):
+            raise ValueError
+    except ValueError:
+        raise RayPressError(f"--cluster takes NODESxGPUS[xGPU_GB], e.g. 4x8x80 (4 nodes of 8 80-GiB GPUs); "
+                            f"got {text!r}") from None
+    return int(nums[0]), int(nums[1]), nums[2] if len(nums) == 3 else None
+
+
+def resources(cfg, cluster: str | None = None) -> dict:
+    """What the search will hold, from config.json alone: database bytes (the family's formula),
+    driver host peak, evaluator GPU peak and how many evaluators the cluster runs. Times are not
+    estimated here yet (they need measured per-block costs)."""
+    from .database import storage_dtype_name
+    from .models import is_random
+
+    family = get_family(cfg.family)
+    model = meta_model(cfg.model)
+    adapter = get_adapter(model)
+    space = family.space(cfg, adapter)
+    params = {id(p): p.numel() for p in model.parameters()}
+    total = int(sum(params.values()))
+    blocks = adapter.blocks()
+    block_params = max(int(sum(p.numel() for p in b.parameters())) for b in blocks)
+    outside = total - int(sum(p.numel() for b in blocks for p in b.parameters()))
+    n_levels = max(len(v) for v in space.level_values)
+    sbytes = _BYTES[storage_dtype_name(cfg.database.storage_dtype)]
+    linears = adapter.linear_layers()
+    db_bytes = family.database_bytes(cfg, adapter, space)
+    largest_stack = n_levels * max((m.weight.numel() for m in linears.values()), default=0) * sbytes
+    streamed = family.driver_model(cfg).get("streamed", False)
+    driver = (outside + 2 * block_params) * sbytes if streamed else total * 4
+    driver += largest_stack + 2**30
+    nodes, gpus, gb = parse_cluster(cluster)
+    k = cfg.evaluator.gpus_per_evaluator if cfg.evaluator.mode == "device_map" else 1
+    evaluators = max(1, nodes * gpus // k) if gpus else 1
+    dev = "cuda" if gpus else "cpu"
+    ebytes = 2 if (cfg.evaluator.dtype == "auto" and dev == "cuda") else _BYTES.get(cfg.evaluator.dtype, 4)
+    tokens = max(t for t, _ in cfg.searcher.stages)
+    vocab = int(getattr(model.config, "vocab_size", 0))
+    teacher = tokens * (8 * cfg.evaluator.kl_topk if cfg.evaluator.kl_topk else 4 * vocab)
+    on_gpu = total * ebytes if cfg.evaluator.mode != "streamed" else (outside + 2 * block_params) * ebytes
+    gpu_peak = on_gpu // k + teacher + 2 * cfg.evaluator.batch_size * cfg.data.seq_len * vocab * 4
+    out = {"model_params": total, "database_bytes": db_bytes,
+           "database_placement": "object_store" if family.has_database else None,
+           "driver_host_peak_bytes": int(driver), "driver_streamed": bool(streamed),
+           "evaluator_gpu_peak_bytes": int(gpu_peak) if gpus else None, "evaluators": evaluators,
+           "cluster": {"nodes": nodes, "gpus_per_node": gpus, "gpu_gib": gb},
+           "est_build_s": None, "est_search_s": None}
+    if gpus and nodes * gpus < k:
+        out["warning"] = (f"evaluator.mode=device_map spans {k} GPUs per evaluator but the cluster has {nodes * gpus}; "
+                          "lower evaluator.gpus_per_evaluator or use evaluator.mode=streamed")
+    elif gb and gpus and gpu_peak > gb * 2**30:
+        out["warning"] = (f"an evaluator needs ~{gpu_peak / 2**30:.0f} GiB of GPU memory but a GPU has {gb:.0f}; use "
+                          "evaluator.mode=device_map with more gpus_per_evaluator, or evaluator.mode=streamed")
+    if is_random(cfg.model):
+        out["note"] = RANDOM_NOTE
+    return out
+
+
+def format_resources(r: dict) -> str:
+    g = lambda b: "-" if b is None else f"{b / 2**30:.1f} GiB"  # noqa: E731
+    c = r["cluster"]
+    lines = [f"resources on {c['nodes']} node(s) x {c['gpus_per_node']} GPU(s)"
+             + (f" of {c['gpu_gib']:.0f} GiB" if c["gpu_gib"] else ""),
+             f"  model parameters        {r['model_params'] / 1e9:.2f} B",
+             f"  level database          {g(r['database_bytes'])} ({r['database_placement'] or 'none'})",
+             f"  driver host RAM peak    {g(r['driver_host_peak_bytes'])}"
+             + (" (streamed block by block)" if r["driver_streamed"] else " (whole model, float32)"),
+             f"  evaluator GPU peak      {g(r['evaluator_gpu_peak_bytes'])}",
+             f"  evaluators              {r['evaluators']}",
+             "  build / search time     not estimated yet (no measured per-block costs)"]
+    if r.get("warning"):
+        lines.append(f"  warning: {r['warning']}")
+    return "\n".join(lines)

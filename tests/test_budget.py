@@ -159,3 +159,19 @@ def test_unknown_searcher_in_plan_is_one_line(capsys):
 
     rc = main(["plan", "--config", str(ROOT / "search_spaces/smollm2_depth.yaml"), "--searchers", "annealing"])
     assert rc == 2 and "unknown searcher 'annealing'" in capsys.readouterr().err
+
+
+def test_plan_resources_for_opt66b_on_a_cluster(capsys):
+    from raypress.cli import main
+
+    rc = main(["plan", "--config", str(ROOT / "search_spaces/opt66b_sparsity.yaml"), "--searchers", "evopress",
+               "--cluster", "4x8x80", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)["resources"]
+    for key in ("model_params", "database_bytes", "database_placement", "driver_host_peak_bytes",
+                "evaluator_gpu_peak_bytes", "evaluators", "est_build_s", "est_search_s"):
+        assert key in r
+    assert 65e9 < r["model_params"] < 67e9 and r["evaluators"] == 16  # 32 GPUs, 2 per evaluator (device_map)
+    assert r["database_bytes"] == 5 * 2 * 64 * (4 * 9216 * 9216 + 2 * 9216 * 36864)  # 5 fp16 levels of every linear
+    rc = main(["plan", "--config", str(ROOT / "search_spaces/opt66b_sparsity.yaml"), "--cluster", "lots"])
+    assert rc == 2 and "--cluster takes NODESxGPUS" in capsys.readouterr().err

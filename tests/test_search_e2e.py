@@ -64,12 +64,20 @@ def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, r
     assert "evopress" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["sparsity", "depth"])
+FAMILY_SETS = {
+    "sparsity": [],
+    "depth": ["family=depth", "method=drop", "target=0.25"],
+    "quant": ["family=quant", "method=rtn", "target=4", "levels=[2, 4, 8]"],
+    "width": ["family=width", "method=lstsq", "target=0.25"],
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SETS))
 def test_export_of_a_finished_search_round_trips(tmp_path, ray_session, mlflow_uri, wikitext_path, family):
+    """Every family through the same runner and export: the export's held-out perplexity is the search's."""
     from raypress.rundir import eval_folder, export_run
 
-    extra = ["family=depth", "method=drop", "target=0.25", "searcher.generations=1"] if family == "depth" else [
-        "searcher.generations=1"]
+    extra = FAMILY_SETS[family] + ["searcher.generations=1"]
     cfg = _cfg(tmp_path, wikitext_path, *extra)
     r = run_search(cfg)
     out = export_run(r.experiment_dir, tmp_path / "export")

@@ -103,6 +103,10 @@ class Family(ABC):
 
         return load_exported(path)[0]
 
+    def database_bytes(self, cfg, adapter, space) -> int | None:
+        """Bytes its database will take, from shapes alone (0: no database; None: not estimated)."""
+        return None if self.has_database else 0
+
     def driver_model(self, cfg) -> dict:
         """load_model keyword arguments for the driver's copy of the model (the weight families stream
         random:<arch> models block by block in the storage dtype; the others load it whole)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..compress import get_method
 from ..compress.swap import WeightSwapApplier
-from ..database import build_database
+from ..database import build_database, storage_dtype_name
 from ..errors import RayPressError
 from ..export import base_info, clean_levels, write_export
 from ..models import is_random
@@ -25,6 +25,19 @@ class WeightFamily(Family):
     def driver_model(self, cfg) -> dict:
         # random models never exist whole: the streamed build generates one block at a time
         return {"streamed": True, "dtype": cfg.database.storage_dtype} if is_random(cfg.model) else {}
+
+    def database_bytes(self, cfg, adapter, space) -> int:
+        """Every linear at every level, stored dense in the storage dtype or packed where smaller."""
+        from ..database import packed_nbytes
+
+        m = self.method(cfg)
+        n = len(m.level_values())
+        item = 4 if storage_dtype_name(cfg.database.storage_dtype) == "float32" else 2
+        total = 0
+        for lin in adapter.linear_layers().values():
+            dense = n * lin.weight.numel() * item
+            total += min(dense, packed_nbytes(n, lin.weight.shape, m.group_size)) if m.packed else dense
+        return total
 
     def method(self, cfg):
         """The CompressionMethod of cfg (its ladder from cfg.levels, else the method's default)."""
