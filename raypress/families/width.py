@@ -7,6 +7,8 @@ at 0.0; cfg.method is the reformation of the kept output weights (lstsq, admm, n
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 
 from ..compress.width import (FORMAT, WidthApplier, build_width_database, export_width, open_width_database,
                               load_width_model, save_width_database, width_hessians, width_initial,
@@ -46,8 +48,7 @@ class WidthFamily(Family):
 
         lv = lv or self.levels(cfg, adapter)
         storage = storage_dtype_name(cfg.database.storage_dtype)
-        root = (default_cache_root() if not cfg.database.cache_dir else __import__("pathlib").Path(
-            cfg.database.cache_dir).expanduser()) / "width"
+        root = (Path(cfg.database.cache_dir).expanduser() if cfg.database.cache_dir else default_cache_root()) / "width"
         key = content_key(FORMAT, model_fingerprint(cfg.model), calib_hash(calib), lv.settings, cfg.method, storage)
         if not (root / key / META).is_file():
             H = width_hessians(model, adapter, calib, device=str(next(model.parameters()).device))
