@@ -86,6 +86,9 @@ class DatabaseConfig:
     # GPU when `device` is cuda (auto: cuda if the Ray cluster has GPUs)
     parallel: bool | int = False
     device: str = "cpu"  # cpu | cuda | auto: where SparseGPT/GPTQ runs while building
+    # where evaluators read the database from: object_store | disk (memory-mapped files, shared through the
+    # page cache) | auto (the object store when the database takes at most half of it)
+    placement: str = "auto"
 
 
 @dataclass

@@ -126,7 +126,7 @@ def resources(cfg, cluster: str | None = None) -> dict:
     on_gpu = total * ebytes if cfg.evaluator.mode != "streamed" else (outside + 2 * block_params) * ebytes
     gpu_peak = on_gpu // k + teacher + 2 * cfg.evaluator.batch_size * cfg.data.seq_len * vocab * 4
     out = {"model_params": total, "database_bytes": db_bytes,
-           "database_placement": "object_store" if family.has_database else None,
+           "database_placement": _placement(cfg, family, db_bytes, nodes),
            "driver_host_peak_bytes": int(driver), "driver_streamed": bool(streamed),
            "evaluator_gpu_peak_bytes": int(gpu_peak) if gpus else None, "evaluators": evaluators,
            "cluster": {"nodes": nodes, "gpus_per_node": gpus, "gpu_gib": gb},
@@ -140,6 +140,19 @@ def resources(cfg, cluster: str | None = None) -> dict:
     if is_random(cfg.model):
         out["note"] = RANDOM_NOTE
     return out
+
+
+def _placement(cfg, family, db_bytes, nodes: int) -> str | None:
+    """placement.choose's answer, with Ray's default object store (30% of a node's memory) for auto."""
+    if not family.has_database:
+        return None
+    setting = getattr(cfg.database, "placement", "auto")
+    if setting != "auto" or db_bytes is None:
+        return setting if setting != "auto" else "object_store"
+    import psutil
+
+    store = 0.3 * psutil.virtual_memory().total * nodes
+    return "object_store" if db_bytes <= store / 2 else "disk"
 
 
 def format_resources(r: dict) -> str:

@@ -91,7 +91,9 @@ class WeightSwapApplier(Applier):
         arr = self._arrays.get(layer)
         if arr is None:
             ref = self.refs[layer]
-            if not isinstance(ref, (np.ndarray, dict)):
+            if getattr(ref, "on_disk", False):  # placement "disk": map the database's own files
+                ref = ref.get()
+            elif not isinstance(ref, (np.ndarray, dict)):
                 import ray
 
                 ref = ray.get(ref)

@@ -7,6 +7,7 @@ The subclasses say which methods and keys they take and how the config's `levels
 """
 from __future__ import annotations
 
+from .. import placement
 from ..compress import get_method
 from ..compress.swap import WeightSwapApplier
 from ..database import build_database, storage_dtype_name
@@ -19,7 +20,7 @@ from .base import Family, Prepared
 
 
 class WeightFamily(Family):
-    keys = ("levels", "database.storage_dtype", "database.parallel", "database.device")
+    keys = ("levels", "database.storage_dtype", "database.parallel", "database.device", "database.placement")
     has_database = True
 
     def driver_model(self, cfg) -> dict:
@@ -49,6 +50,9 @@ class WeightFamily(Family):
     def check_config(self, cfg, explicit=None) -> None:
         super().check_config(cfg, explicit)
         self.method(cfg)  # the method validates its ladder and options (one-line errors)
+        if cfg.database.placement not in placement.PLACEMENTS:
+            raise RayPressError(f"database.placement must be one of {', '.join(placement.PLACEMENTS)}, got "
+                                f"{cfg.database.placement!r}")
 
     def space(self, cfg, adapter) -> SearchSpace:
         layers = adapter.linear_layers()
@@ -63,10 +67,12 @@ class WeightFamily(Family):
         method = self.method(cfg)
         db = self.build_database(cfg, model, adapter, calib)
         space = SearchSpace.for_database(db, cfg.target)
-        applier = WeightSwapApplier(db.put(), self.dense_levels(db), decode=method.decode_stored) \
-            if serve else None
+        applier, where = None, None
+        if serve:
+            refs, where = placement.serve(db, cfg.database.placement)
+            applier = WeightSwapApplier(refs, self.dense_levels(db), decode=method.decode_stored)
         return Prepared(space, applier, db=db, context={"db": db, "method": method},
-                        describe={"db.key": db.key, "db.path": str(db.path)})
+                        describe={"db.key": db.key, "db.path": str(db.path), "db.placement": where})
 
     def dense_levels(self, db) -> dict[str, int]:
         """Levels whose stored variant equals the dense weight (served from the model itself)."""
