@@ -89,6 +89,10 @@ class DatabaseConfig:
     # where evaluators read the database from: object_store | disk (memory-mapped files, shared through the
     # page cache) | auto (the object store when the database takes at most half of it)
     placement: str = "auto"
+    # the driver's copy of the model while building: streamed one block at a time from the checkpoint
+    # (true), whole (false), or auto: streamed when the model's float32 size exceeds a quarter of the
+    # host's memory (random:<arch> models are always streamed)
+    stream: bool | str = "auto"
 
 
 @dataclass

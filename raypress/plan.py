@@ -112,8 +112,10 @@ def resources(cfg, cluster: str | None = None) -> dict:
     linears = adapter.linear_layers()
     db_bytes = family.database_bytes(cfg, adapter, space)
     largest_stack = n_levels * max((m.weight.numel() for m in linears.values()), default=0) * sbytes
-    streamed = family.driver_model(cfg).get("streamed", False)
-    driver = (outside + 2 * block_params) * sbytes if streamed else total * 4
+    kw = family.driver_model(cfg)
+    streamed = kw.get("streamed", False)
+    mbytes = _BYTES[storage_dtype_name(kw["dtype"])] if "dtype" in kw else 4  # checkpoints stream in float32
+    driver = (outside + 2 * block_params) * mbytes if streamed else total * 4
     driver += largest_stack + 2**30
     nodes, gpus, gb = parse_cluster(cluster)
     k = cfg.evaluator.gpus_per_evaluator if cfg.evaluator.mode == "device_map" else 1
@@ -163,7 +165,7 @@ def format_resources(r: dict) -> str:
              f"  model parameters        {r['model_params'] / 1e9:.2f} B",
              f"  level database          {g(r['database_bytes'])} ({r['database_placement'] or 'none'})",
              f"  driver host RAM peak    {g(r['driver_host_peak_bytes'])}"
-             + (" (streamed block by block)" if r["driver_streamed"] else " (whole model, float32)"),
+             + (" (streamed block by block)" if r["driver_streamed"] else " (whole model in float32)"),
              f"  evaluator GPU peak      {g(r['evaluator_gpu_peak_bytes'])}",
              f"  evaluators              {r['evaluators']}",
              "  build / search time     not estimated yet (no measured per-block costs)"]

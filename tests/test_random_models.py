@@ -103,3 +103,29 @@ def test_a_search_on_a_random_model_says_its_quality_is_meaningless(tiny_cfg, tm
     assert run.data.tags["raypress.random_weights"] == RANDOM_NOTE
     best = json.loads((tmp_path / "runs").glob("*/result.json").__next__().read_text())
     assert best["note"] == RANDOM_NOTE
+
+
+def test_a_streamed_checkpoint_builds_the_same_database(tmp_path):
+    """database.stream=true on a real (safetensors) checkpoint: the driver reads one block at a time and
+    the database is identical to the whole-model build."""
+    from _tiny import tiny_llama
+
+    from raypress.compress import get_method
+    from raypress.config import load_config
+    from raypress.database import build_database
+    from raypress.families import get_family
+
+    spec = tiny_llama()
+    cfg = load_config(None, [f"model={spec}", "database.stream=true"])
+    kw = get_family("sparsity").driver_model(cfg)
+    assert kw == {"streamed": True}
+    assert get_family("sparsity").driver_model(load_config(None, [f"model={spec}"])) == {}  # auto: small model
+    calib = np.random.default_rng(1).integers(0, 512, size=(8, 32))
+    full, _ = load_model(spec)
+    streamed, _ = load_model(spec, **kw)
+    m = get_method("sparsegpt", levels=[0.0, 0.5, 0.7])
+    a = build_database(spec, full, get_adapter(full), m, calib, cache_root=tmp_path / "a", progress=False)
+    b = build_database(spec, streamed, get_adapter(streamed), m, calib, cache_root=tmp_path / "b", progress=False)
+    assert a.key == b.key
+    for layer in a.layers:
+        assert np.array_equal(a.stored(layer), b.stored(layer)), layer

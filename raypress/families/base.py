@@ -28,7 +28,7 @@ COMMON_KEYS = ("model", "family", "method", "target", "data", "searcher", "evalu
                "output", "database.cache_dir")
 #: family-specific keys some family reads; a config that sets one its family does not read is refused
 SPECIFIC_KEYS = ("levels", "database.storage_dtype", "database.group_size", "database.granularity",
-                 "database.parallel", "database.device", "database.placement")
+                 "database.parallel", "database.device", "database.placement", "database.stream")
 
 
 @dataclass

@@ -20,12 +20,26 @@ from .base import Family, Prepared
 
 
 class WeightFamily(Family):
-    keys = ("levels", "database.storage_dtype", "database.parallel", "database.device", "database.placement")
+    keys = ("levels", "database.storage_dtype", "database.parallel", "database.device", "database.placement",
+            "database.stream")
     has_database = True
 
     def driver_model(self, cfg) -> dict:
-        # random models never exist whole: the streamed build generates one block at a time
-        return {"streamed": True, "dtype": cfg.database.storage_dtype} if is_random(cfg.model) else {}
+        """The driver streams the model block by block (calibration and database build materialize one
+        block at a time): random models always, in the storage dtype (their weights are generated);
+        checkpoints when database.stream says so, in float32 like the whole-model path (identical
+        databases, only the memory differs)."""
+        if is_random(cfg.model):
+            return {"streamed": True, "dtype": cfg.database.storage_dtype}
+        stream = cfg.database.stream
+        if stream == "auto":
+            import psutil
+
+            from ..models import meta_model
+
+            params = sum(p.numel() for p in meta_model(cfg.model).parameters())
+            stream = 4 * params > psutil.virtual_memory().total / 4
+        return {"streamed": True} if stream else {}
 
     def database_bytes(self, cfg, adapter, space) -> int:
         """Every linear at every level, stored dense in the storage dtype or packed where smaller."""
@@ -50,6 +64,8 @@ class WeightFamily(Family):
     def check_config(self, cfg, explicit=None) -> None:
         super().check_config(cfg, explicit)
         self.method(cfg)  # the method validates its ladder and options (one-line errors)
+        if cfg.database.stream not in (True, False, "auto"):
+            raise RayPressError(f"database.stream must be true, false or auto, got {cfg.database.stream!r}")
         if cfg.database.placement not in placement.PLACEMENTS:
             raise RayPressError(f"database.placement must be one of {', '.join(placement.PLACEMENTS)}, got "
                                 f"{cfg.database.placement!r}")
