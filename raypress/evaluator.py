@@ -364,6 +364,12 @@ class Evaluator:
         return {"params": by_dev, "teacher": teach, "cuda_peak": int(peak)}
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 class EvaluatorTrainable(tune.Trainable):
     """A Tune trial = one candidate evaluation on a reused, model-holding actor."""
 
@@ -393,6 +399,7 @@ class EvaluatorTrainable(tune.Trainable):
         if self._error is not None:
             return {"fitness": float("nan"), "tokens": 0, trial.RESULT_KEY: self._error, "done": True}
         result["done"] = True
+        result[trial.NODE] = _node_id()  # which Ray node scored it (multi-node runs, tests)
         return result
 
     # a trial is one stateless evaluation: a retried trial re-runs it, nothing to checkpoint
