@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import calib_hash
 from .errors import RayPressError
+from .weight_source import block_turn
 
 log = logging.getLogger("raypress")
 
@@ -217,33 +219,29 @@ def iter_block_stats(model, adapter, calib: np.ndarray, want: Sequence[str] = ("
         kws = [_to(kw, device) for _, kw in states]
         del states
     bar = tqdm(total=last + 1, desc="calibration", unit="block", disable=not progress)
-    loader = getattr(model, "raypress_blocks", None)  # streamed models: one block materialized at a time
     try:
         for i in range(last + 1):
-            if loader is not None:
-                loader.load(i)
-            block = blocks[i]
-            bdev = _model_device(block)
-            acc = _Accumulator(wanted.get(i, {}), want, device, share_inputs)
-            # (no_grad only around the compute: a generator must not leak grad mode to its caller)
-            with torch.no_grad():
-                if bdev != device:
-                    block.to(device)
-                try:
-                    with acc:
-                        for b, (h, kw) in enumerate(zip(hs, kws)):
-                            out = block(h, **kw[i])  # per-block kwargs (gemma3: sliding vs full layers)
-                            hs[b] = out[0] if isinstance(out, (tuple, list)) else out
-                            acc.next_batch()
-                finally:
+            with block_turn(model, i):  # streamed models: one block materialized at a time
+                block = blocks[i]
+                bdev = _model_device(block)
+                acc = _Accumulator(wanted.get(i, {}), want, device, share_inputs)
+                # (no_grad only around the compute: a generator must not leak grad mode to its caller)
+                with torch.no_grad():
                     if bdev != device:
-                        block.to(bdev)
-                result = acc.result(out_device) if i in wanted else None
-            bar.update(1)
-            if result is not None:
-                yield i, result  # the caller compresses block i now: it stays materialized until it resumes
-            if loader is not None:
-                loader.release(i)
+                        block.to(device)
+                    try:
+                        with acc:
+                            for b, (h, kw) in enumerate(zip(hs, kws)):
+                                out = block(h, **kw[i])  # per-block kwargs (gemma3: sliding vs full layers)
+                                hs[b] = out[0] if isinstance(out, (tuple, list)) else out
+                                acc.next_batch()
+                    finally:
+                        if bdev != device:
+                            block.to(bdev)
+                    result = acc.result(out_device) if i in wanted else None
+                bar.update(1)
+                if result is not None:
+                    yield i, result  # the caller compresses block i now: it stays materialized until it resumes
     finally:
         bar.close()
 
@@ -284,9 +282,7 @@ class StatsCache:
 
     def get(self, model_id: str, model, adapter, calib: np.ndarray) -> dict:
         """{"hessians": {layer: H}, "norms": {layer: ‖X_j‖}}."""
-        import hashlib
-
-        key = (model_id, hashlib.sha256(np.ascontiguousarray(calib).tobytes()).hexdigest())
+        key = (model_id, calib_hash(calib))
         if key != self._key:
             st = collect_stats(model, adapter, calib)
             self._key, self._stats = key, {"hessians": st["hessian"], "norms": st["norms"]}

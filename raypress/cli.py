@@ -86,13 +86,15 @@ def cmd_build_db(args) -> int:
 
 def cmd_plan(args) -> int:
     from .config import load_config
+    from .models import meta_model
     from .plan import format_plan, format_resources, plan, resources
 
     cfg = load_config(args.config, args.set)
     targets = _floats(args.targets, "--targets") if args.targets else None
     searchers = [s.strip() for s in args.searchers.split(",") if s.strip()] if args.searchers else None
-    report = plan(cfg, targets, searchers)
-    report["resources"] = resources(cfg, args.cluster)
+    model = meta_model(cfg.model)  # one meta-device build serves the checks and the resources
+    report = plan(cfg, targets, searchers, model)
+    report["resources"] = resources(cfg, args.cluster, model)
     print(json.dumps(report, indent=1) if args.json else format_plan(report) + "\n\n" +
           format_resources(report["resources"]))
     return 0

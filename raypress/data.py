@@ -15,6 +15,7 @@ seed from the region before it, so the two never overlap.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import math
 import os
@@ -323,6 +324,15 @@ def make_splits(tokens, seq_len: int, n_calib: int, n_eval: int, seed: int) -> T
              else np.zeros((0, seq_len), dtype=np.int64))
     return TokenSplits(calib=np.ascontiguousarray(calib, dtype=np.int64), eval=ev, calib_starts=starts,
                        eval_start=int(eval_start))
+
+
+def calib_hash(calib: np.ndarray) -> str:
+    """sha256 of the calibration tokens (int64, C order) including their shape: what every cache of
+    results computed on these tokens (databases, dense-model statistics) is keyed by."""
+    a = np.ascontiguousarray(calib, dtype=np.int64)
+    h = hashlib.sha256(f"{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def sample_batch(calib: np.ndarray, n_tokens: int, seed: int, generation: int, stage: int) -> np.ndarray:

@@ -37,9 +37,7 @@ keeps propagating activations (the output folder must be visible to the workers)
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -49,9 +47,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import store
+from .data import calib_hash
 from .compress.base import torch_threads
 from .compress.quant import decode_packed
 from .errors import RayPressError
+from .weight_source import block_turn
 
 log = logging.getLogger("raypress")
 
@@ -81,14 +81,6 @@ def default_cache_root() -> Path:
     return cache_dir() / "db"
 
 
-def calib_hash(calib: np.ndarray) -> str:
-    """sha256 of the calibration tokens (int64, C order) including their shape."""
-    a = np.ascontiguousarray(calib, dtype=np.int64)
-    h = hashlib.sha256(f"{a.shape}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def database_key(fingerprint: str, calib: np.ndarray, method_params: dict, storage_dtype: str,
                  model_dtype: str = "", layers=None, storage_format: str = "dense") -> str:
     """The content hash naming a database folder. storage_format: "dense" (float stacks) or
@@ -113,16 +105,26 @@ def _n_groups(cols: int, group_size) -> int:
     return -(-cols // gs)
 
 
+def storage_itemsize(name) -> int:
+    """Bytes per element of a storage dtype (float16 or float32)."""
+    return np.dtype(_DTYPES[storage_dtype_name(name)][1]).itemsize
+
+
+def layer_storage(n_levels: int, shape, itemsize: int, pack: bool, group_size) -> tuple[str, int]:
+    """("packed" | "dense", bytes) of one layer's stored levels: packed (codes + scales + zeros) when
+    `pack` and that is smaller than the dense stack. The build and `raypress plan` both ask this."""
+    dense = n_levels * int(np.prod(shape)) * itemsize
+    if pack:
+        packed = packed_nbytes(n_levels, shape, group_size)
+        if packed < dense:
+            return "packed", packed
+    return "dense", dense
+
+
 def packed_nbytes(n_levels: int, shape, group_size) -> int:
     """Bytes of one layer's packed levels: uint8 codes + float16 scales and zeros per group."""
     out, cols = (int(x) for x in shape)
     return n_levels * (out * cols + 2 * 2 * out * _n_groups(cols, group_size))
-
-
-_dequantize_level = decode_packed
-
-
-_corrupt = store.corrupt
 
 
 # ----------------------------------------------------------------------------- building
@@ -156,14 +158,13 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
     storage, specs = {}, []
     for name, W in weights.items():
         out, cols = W.shape
-        if pack and packed_nbytes(L, W.shape, gs) < L * W.numel() * npdtype.itemsize:
-            storage[name] = "packed"
+        storage[name] = layer_storage(L, W.shape, npdtype.itemsize, pack, gs)[0]
+        if storage[name] == "packed":
             G = _n_groups(cols, gs)
             specs += [(_part_key(name, "codes"), np.uint8, (L, out, cols)),
                       (_part_key(name, "scales"), np.float16, (L, out, G)),
                       (_part_key(name, "zeros"), np.float16, (L, out, G))]
         else:
-            storage[name] = "dense"
             specs.append((name, npdtype, (L, out, cols)))
     group_size = gs if "packed" in storage.values() else None
     st_meta = {"format": f"raypress-db-{FORMAT}", "block": str(block_idx)}
@@ -189,7 +190,7 @@ def build_block(block_idx: int, weights: dict, stats: dict, method, storage_dtyp
                         if not (np.isfinite(p["scales"][k]).all() and np.isfinite(p["zeros"][k]).all()):
                             raise RayPressError(f"{method.name}: non-finite scales in layer {name} at level "
                                                 f"{values[k]}; raise percdamp or use more calibration tokens")
-                    zero[name] = [np.count_nonzero(_dequantize_level(p, k) == 0) / W.numel() for k in range(L)]
+                    zero[name] = [np.count_nonzero(decode_packed(p, k) == 0) / W.numel() for k in range(L)]
                     for part in _PACKED_PARTS:
                         writer.write(_part_key(name, part), p[part])
                     del p
@@ -268,7 +269,7 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
         log.info("database cache hit %s (%.2f s)", final, time.perf_counter() - t)
         return db
     if final.exists():
-        raise _corrupt(final, "meta.json missing")
+        raise store.corrupt(final, "meta.json missing")
 
     plan = block_layers(adapter, layer_list)
     if not plan:
@@ -339,13 +340,9 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
 def _blocks_without_stats(model, plan):
     """(block index, {}) per block for methods that need no calibration; a streamed model's block
     is materialized while the caller compresses it."""
-    loader = getattr(model, "raypress_blocks", None)
     for i, _ in plan:
-        if loader is not None:
-            loader.load(i)
-        yield i, {}
-        if loader is not None:
-            loader.release(i)
+        with block_turn(model, i):
+            yield i, {}
 
 
 def _build_parallel(next_stats, mods_of, per_layer_stats, method, sdt, tmp, bar, max_inflight=2,
@@ -488,17 +485,17 @@ class LevelDatabase:
             try:
                 maps = store.map_safetensors(self.path / fname)
             except (OSError, ValueError, KeyError) as e:
-                raise _corrupt(self.path, f"{fname}: {e}") from None
+                raise store.corrupt(self.path, f"{fname}: {e}") from None
             for n in [n for n, f in self._file_of.items() if f == fname]:
                 if self.is_packed(n):
                     keys = [_part_key(n, part) for part in _PACKED_PARTS]
                     if any(k not in maps for k in keys):
-                        raise _corrupt(self.path, f"{fname} lacks packed layer {n}")
+                        raise store.corrupt(self.path, f"{fname} lacks packed layer {n}")
                     self._arrays[n] = {part: maps[k] for part, k in zip(_PACKED_PARTS, keys)}
                     self._arrays[n]["group_size"] = int(self.group_size if self.group_size is not None else -1)
                 else:
                     if n not in maps:
-                        raise _corrupt(self.path, f"{fname} lacks layer {n}")
+                        raise store.corrupt(self.path, f"{fname} lacks layer {n}")
                     self._arrays[n] = maps[n]
             obj = self._arrays[layer]
         return obj
@@ -518,7 +515,7 @@ class LevelDatabase:
         obj = self._load(layer)
         if not isinstance(obj, dict):
             return obj
-        arr = np.stack([_dequantize_level(obj, k) for k in range(self.n_levels(layer))])
+        arr = np.stack([decode_packed(obj, k) for k in range(self.n_levels(layer))])
         arr.flags.writeable = False
         return arr
 
@@ -531,7 +528,7 @@ class LevelDatabase:
         obj = self._load(layer)
         if not isinstance(obj, dict):
             return obj[int(level)]
-        arr = _dequantize_level(obj, int(level))
+        arr = decode_packed(obj, int(level))
         arr.flags.writeable = False
         return arr
 

@@ -13,7 +13,6 @@ projection is zeroed (the sub-block outputs exactly zero) and it is listed under
 """
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import os

@@ -381,14 +381,13 @@ def _as_dtype(dtype) -> torch.dtype:
     return dt
 
 
-def _load_materialized(folder: str, spec: str, dt, device, streamed: bool, **hf_kwargs):
+def _load_materialized(folder: str, dt, device, streamed: bool, **hf_kwargs):
     """The model built on the meta device and materialized from its WeightSource (random weights, or
     the folder's safetensors read tensor by tensor); streamed: only the parts outside the decoder
     blocks now, the blocks one at a time through `model.raypress_blocks` (weight_source.BlockLoader)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .adapters import get_adapter
     from .weight_source import BlockLoader, RandomWeights, SafetensorsWeights, materialize
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -398,20 +397,13 @@ def _load_materialized(folder: str, spec: str, dt, device, streamed: bool, **hf_
     source = RandomWeights(rnd.get("seed", 0), getattr(config, "initializer_range", 0.02)) if rnd else \
         SafetensorsWeights(folder)
     adapter = get_adapter(model)
-    blocks = adapter.blocks()
-    if streamed:
-        keep = {id(p) for b in blocks for p in b.parameters()}
-        for name, p in list(model.named_parameters()):
-            if id(p) not in keep and p.device.type == "meta":
-                owner, _, attr = name.rpartition(".")
-                m = model.get_submodule(owner) if owner else model
-                materialize(m, f"{owner}." if owner else "", source, device)
+    if streamed:  # everything but the decoder blocks now; the blocks when the build reaches them
+        materialize(model, "", source, device, skip=[p for b in adapter.blocks() for p in b.parameters()])
         model.raypress_blocks = BlockLoader(adapter, source, device)
     else:
         materialize(model, "", source, device)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model.raypress_random = bool(rnd)
     return model.eval()
 
 
@@ -431,7 +423,7 @@ def load_model(spec: str, dtype=torch.float32, device="cpu", tokenizer: bool = T
     dt = _as_dtype(dtype)
     try:
         if is_random(spec) or streamed:
-            model = _load_materialized(folder, spec, dt, device, streamed, **hf_kwargs)
+            model = _load_materialized(folder, dt, device, streamed, **hf_kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=True, **hf_kwargs)
     except ValueError as e:

@@ -37,15 +37,22 @@ class OnDisk:
         return db.stored(self.layer)
 
 
-def choose(db, setting: str) -> str:
+def decide(setting: str, db_bytes: int, store_capacity: float) -> str:
+    """The placement of a database of `db_bytes` for `setting`: auto takes the object store when
+    the database fits in half of its capacity, else disk."""
     if setting not in PLACEMENTS:
         raise RayPressError(f"database.placement must be one of {', '.join(PLACEMENTS)}, got {setting!r}")
     if setting != "auto":
         return setting
+    return "object_store" if db_bytes <= store_capacity / 2 else "disk"
+
+
+def choose(db, setting: str) -> str:
+    """`decide` with the running Ray cluster's object store capacity."""
     import ray
 
     capacity = ray.cluster_resources().get("object_store_memory", 0) if ray.is_initialized() else 0
-    return "object_store" if db.total_bytes <= capacity / 2 else "disk"
+    return decide(setting, db.total_bytes, capacity)
 
 
 def serve(db, setting: str = "auto") -> tuple[dict, str]:

@@ -16,14 +16,15 @@ from .models import RANDOM_NOTE, get_adapter, is_random, meta_model
 from .search import registry
 
 
-def plan(cfg, targets=None, searchers=None) -> dict:
+def plan(cfg, targets=None, searchers=None, model=None) -> dict:
     """{"model", "family", "method", "units", "total_params", "checks": [{target, searcher, ok, message,
-    budget, nearest}, ...]} for every target x searcher (defaults: cfg.target x every searcher)."""
+    budget, nearest}, ...]} for every target x searcher (defaults: cfg.target x every searcher).
+    model: cfg.model on the meta device, when the caller has it already."""
     family = get_family(cfg.family)
     names = list(searchers or registry.SEARCHERS)
     for n in names:
         registry.get_searcher(n)
-    adapter = get_adapter(meta_model(cfg.model))
+    adapter = get_adapter(model if model is not None else meta_model(cfg.model))
     checks, units, total = [], None, None
     for t in targets if targets is not None else [cfg.target]:
         c = copy.deepcopy(cfg)
@@ -69,7 +70,7 @@ def format_plan(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- resources
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # evaluator dtypes
 
 
 def parse_cluster(text: str | None) -> tuple[int, int, float | None]:
@@ -91,15 +92,15 @@ def parse_cluster(text: str | None) -> tuple[int, int, float | None]:
     return int(nums[0]), int(nums[1]), nums[2] if len(nums) == 3 else None
 
 
-def resources(cfg, cluster: str | None = None) -> dict:
+def resources(cfg, cluster: str | None = None, model=None) -> dict:
     """What the search will hold, from config.json alone: database bytes (the family's formula),
     driver host peak, evaluator GPU peak and how many evaluators the cluster runs. Times are not
-    estimated here yet (they need measured per-block costs)."""
-    from .database import storage_dtype_name
+    estimated here yet (they need measured per-block costs). model: as in `plan`."""
+    from .database import storage_itemsize
     from .models import is_random
 
     family = get_family(cfg.family)
-    model = meta_model(cfg.model)
+    model = model if model is not None else meta_model(cfg.model)
     adapter = get_adapter(model)
     space = family.space(cfg, adapter)
     params = {id(p): p.numel() for p in model.parameters()}
@@ -108,13 +109,13 @@ def resources(cfg, cluster: str | None = None) -> dict:
     block_params = max(int(sum(p.numel() for p in b.parameters())) for b in blocks)
     outside = total - int(sum(p.numel() for b in blocks for p in b.parameters()))
     n_levels = max(len(v) for v in space.level_values)
-    sbytes = _BYTES[storage_dtype_name(cfg.database.storage_dtype)]
+    sbytes = storage_itemsize(cfg.database.storage_dtype)
     linears = adapter.linear_layers()
     db_bytes = family.database_bytes(cfg, adapter, space)
     largest_stack = n_levels * max((m.weight.numel() for m in linears.values()), default=0) * sbytes
-    kw = family.driver_model(cfg)
+    kw = family.driver_model(cfg, model)
     streamed = kw.get("streamed", False)
-    mbytes = _BYTES[storage_dtype_name(kw["dtype"])] if "dtype" in kw else 4  # checkpoints stream in float32
+    mbytes = storage_itemsize(kw["dtype"]) if "dtype" in kw else 4  # checkpoints stream in float32
     driver = (outside + 2 * block_params) * mbytes if streamed else total * 4
     driver += largest_stack + 2**30
     nodes, gpus, gb = parse_cluster(cluster)
@@ -145,16 +146,17 @@ def resources(cfg, cluster: str | None = None) -> dict:
 
 
 def _placement(cfg, family, db_bytes, nodes: int) -> str | None:
-    """placement.choose's answer, with Ray's default object store (30% of a node's memory) for auto."""
+    """placement.decide's answer, with Ray's default object store (30% of a node's memory per node);
+    a database of unknown size (width) is put in the object store, as the width family does."""
     if not family.has_database:
         return None
-    setting = getattr(cfg.database, "placement", "auto")
-    if setting != "auto" or db_bytes is None:
-        return setting if setting != "auto" else "object_store"
+    if db_bytes is None:
+        return "object_store"
     import psutil
 
-    store = 0.3 * psutil.virtual_memory().total * nodes
-    return "object_store" if db_bytes <= store / 2 else "disk"
+    from .placement import decide
+
+    return decide(cfg.database.placement, db_bytes, 0.3 * psutil.virtual_memory().total * nodes)
 
 
 def format_resources(r: dict) -> str:

@@ -15,6 +15,7 @@ the embeddings + LM head + about one block, whatever the depth.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from pathlib import Path
@@ -85,12 +86,13 @@ class SafetensorsWeights(WeightSource):
         return t.to(like.dtype)
 
 
-def materialize(module: nn.Module, prefix: str, source: WeightSource, device="cpu") -> int:
-    """Give every meta parameter of `module` (full names `prefix` + local name) its real tensor;
-    returns the bytes materialized."""
+def materialize(module: nn.Module, prefix: str, source: WeightSource, device="cpu", skip=()) -> int:
+    """Give every meta parameter of `module` (full names `prefix` + local name) its real tensor,
+    except those in `skip` (parameters); returns the bytes materialized."""
     total = 0
+    skip = {id(p) for p in skip}
     for local, p in list(module.named_parameters(recurse=True)):
-        if p.device.type != "meta":
+        if p.device.type != "meta" or id(p) in skip:
             continue
         owner_name, _, attr = local.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
@@ -119,3 +121,18 @@ class BlockLoader:
 
     def release(self, i: int) -> None:
         release(self.adapter.blocks()[i])
+
+
+@contextlib.contextmanager
+def block_turn(model, i: int):
+    """Block i of `model` is materialized inside the `with` (a no-op unless the model was loaded
+    streamed): what the streamed calibration and database build wrap around each block."""
+    loader = getattr(model, "raypress_blocks", None)
+    if loader is None:
+        yield
+        return
+    loader.load(i)
+    try:
+        yield
+    finally:
+        loader.release(i)

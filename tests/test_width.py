@@ -353,7 +353,7 @@ def test_prepare_width_via_families(setup, tmp_path):
     m, ad, calib = setup["model"], setup["ad"], setup["calib"]
     cfg = Config(model=tiny_llama(**GQA), family="width", method="lstsq", target=0.25,
                  database=DatabaseConfig(cache_dir=str(tmp_path)))
-    prep = prepare(cfg, m, ad, calib, cfg.model)
+    prep = prepare(cfg, m, ad, calib)
     space, ap = prep.space, prep.applier
     assert space.layers == [u.name for u in prep.context["width_levels"].units]
     for start in (space.uniform(), prep.context["initial"]):
@@ -364,5 +364,5 @@ def test_prepare_width_via_families(setup, tmp_path):
     ap.reset()
     (db_dir,) = [d for d in (tmp_path / "width").iterdir() if not d.name.startswith(".")]
     assert (db_dir / "meta.json").is_file() and (db_dir / "width.safetensors").is_file()  # the store format
-    prep2 = prepare(cfg, m, ad, calib, cfg.model)                     # cache hit
+    prep2 = prepare(cfg, m, ad, calib)                     # cache hit
     assert prep2.space.target == space.target

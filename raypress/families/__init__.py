@@ -40,8 +40,8 @@ def family_of_method(method: str) -> Family:
     raise RayPressError(f"'{method}' is neither a family ({', '.join(FAMILIES)}) nor a method of one")
 
 
-def prepare(cfg, model, adapter, calib, spec: str | None = None, serve: bool = True) -> Prepared:
-    """The family's Prepared (space, database, applier) for cfg. `spec` is accepted for old callers."""
+def prepare(cfg, model, adapter, calib, serve: bool = True) -> Prepared:
+    """The family's Prepared (space, database, applier) for cfg."""
     return get_family(cfg.family).prepare(cfg, model, adapter, calib, serve=serve)
 
 

@@ -107,9 +107,10 @@ class Family(ABC):
         """Bytes its database will take, from shapes alone (0: no database; None: not estimated)."""
         return None if self.has_database else 0
 
-    def driver_model(self, cfg) -> dict:
+    def driver_model(self, cfg, model=None) -> dict:
         """load_model keyword arguments for the driver's copy of the model (the weight families stream
-        random:<arch> models block by block in the storage dtype; the others load it whole)."""
+        random:<arch> models block by block in the storage dtype; the others load it whole). model:
+        cfg.model on the meta device, when the caller has it (saves building it again)."""
         return {}
 
     def build_database(self, cfg, model, adapter, calib):

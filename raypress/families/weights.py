@@ -10,7 +10,7 @@ from __future__ import annotations
 from .. import placement
 from ..compress import get_method
 from ..compress.swap import WeightSwapApplier
-from ..database import build_database, storage_dtype_name
+from ..database import build_database, layer_storage, storage_itemsize
 from ..errors import RayPressError
 from ..export import base_info, clean_levels, write_export
 from ..models import is_random
@@ -24,7 +24,7 @@ class WeightFamily(Family):
             "database.stream")
     has_database = True
 
-    def driver_model(self, cfg) -> dict:
+    def driver_model(self, cfg, model=None) -> dict:
         """The driver streams the model block by block (calibration and database build materialize one
         block at a time): random models always, in the storage dtype (their weights are generated);
         checkpoints when database.stream says so, in float32 like the whole-model path (identical
@@ -37,22 +37,16 @@ class WeightFamily(Family):
 
             from ..models import meta_model
 
-            params = sum(p.numel() for p in meta_model(cfg.model).parameters())
+            params = sum(p.numel() for p in (model if model is not None else meta_model(cfg.model)).parameters())
             stream = 4 * params > psutil.virtual_memory().total / 4
         return {"streamed": True} if stream else {}
 
     def database_bytes(self, cfg, adapter, space) -> int:
-        """Every linear at every level, stored dense in the storage dtype or packed where smaller."""
-        from ..database import packed_nbytes
-
+        """Every linear at every level, as the build will store it (database.layer_storage)."""
         m = self.method(cfg)
-        n = len(m.level_values())
-        item = 4 if storage_dtype_name(cfg.database.storage_dtype) == "float32" else 2
-        total = 0
-        for lin in adapter.linear_layers().values():
-            dense = n * lin.weight.numel() * item
-            total += min(dense, packed_nbytes(n, lin.weight.shape, m.group_size)) if m.packed else dense
-        return total
+        n, item = len(m.level_values()), storage_itemsize(cfg.database.storage_dtype)
+        return sum(layer_storage(n, lin.weight.shape, item, m.packed, m.group_size or -1)[1]
+                   for lin in adapter.linear_layers().values())
 
     def method(self, cfg):
         """The CompressionMethod of cfg (its ladder from cfg.levels, else the method's default)."""

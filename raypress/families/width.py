@@ -13,7 +13,8 @@ from pathlib import Path
 from ..compress.width import (FORMAT, WidthApplier, build_width_database, export_width, open_width_database,
                               load_width_model, save_width_database, width_hessians, width_initial,
                               width_levels)
-from ..database import calib_hash, default_cache_root, storage_dtype_name
+from ..data import calib_hash
+from ..database import default_cache_root, storage_dtype_name
 from ..space import SearchSpace
 from ..store import META, content_key
 from .base import Family, Prepared

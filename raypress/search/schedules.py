@@ -20,7 +20,6 @@ params-weighted L2 sense (the same DP with errors n_l·(v_lk − d_l)²).
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence

@@ -42,8 +42,6 @@ def build_width_database(model, adapter, hessians: dict, levels: WidthLevels | N
     `reform`: "lstsq" (exact least squares on the kept columns), "admm" (raypress.reform.admm_reform
     with the column mask) or "none" (plain masking, for ablations).
     """
-    from raypress import reform as rf
-
     if reform not in REFORMS:
         raise RayPressError(f"unknown reformation '{reform}'; use one of {', '.join(REFORMS)}")
     if storage_dtype not in _NP_DTYPES:

@@ -29,7 +29,6 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 from torch import nn
 
 from raypress.budget import Budget
