@@ -271,19 +271,51 @@ def collect_input_norms(model, adapter, calib: np.ndarray, batch_size=8, device=
     return collect_stats(model, adapter, calib, ("norms",), batch_size, device, layers, **kw)["norms"]
 
 
+def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="cpu",
+                    progress: bool = True) -> dict:
+    """What the statistics-driven schedules need, in one streamed pass over the dense model: block by
+    block, while the block's weights and its layers' Hessians exist, reduce them to a few numbers
+    and drop them — OWL's outlier ratio of the block (`ratios`), each layer's OBS error at the target
+    (`obs_errors`, the Hessian scheduler) and its error at every level of the database (`errors`,
+    the DP). Memory: one block's Hessians on `device`, never the model's (OPT-66B's would be 350 GB)."""
+    from .search.schedules import LayerStats, block_of, block_outlier_ratio, level_errors, obs_error
+
+    sparsity = 0.0 <= float(space.target) < 1.0  # OWL and the Hessian scheduler are for sparsity ladders
+    lin = adapter.linear_layers()
+    ratios: dict[str, float] = {}
+    obs: dict[str, float] = {}
+    errors: dict[str, list[float]] = {}
+    for _, st in iter_block_stats(model, adapter, calib, ("hessian", "norms"), device=device,
+                                  layers=space.layers, progress=progress, out_device=device):
+        groups: dict[str, list] = {}
+        for layer, H in st["hessian"].items():
+            W = lin[layer].weight  # materialized for this block's turn (streamed models)
+            if sparsity:
+                obs[layer] = obs_error(W, H, float(space.target))
+                groups.setdefault(block_of(layer), []).append(LayerStats(W, st["norms"][layer]))
+            if db is not None:
+                errors[layer] = level_errors(db, layer, W, H)
+        for b, sts in groups.items():
+            ratios[b] = block_outlier_ratio(sts)
+        del st, groups
+    out: dict = {"errors": errors} if db is not None else {}
+    if sparsity:
+        out.update(ratios=ratios, obs_errors=obs)
+    return out
+
+
 class StatsCache:
-    """Dense-model statistics (Hessians and input norms of every linear layer) for the schedules that
-    need them (OWL, Hessian, DP), computed once per (model, calibration tokens). A comparison hands
-    one cache to every search it runs, so its schedules calibrate once."""
+    """`schedule_inputs` computed once per (model, calibration tokens, database, target): a
+    comparison hands one cache to every search it runs, so its schedules calibrate once."""
 
     def __init__(self):
         self._key = None
-        self._stats: dict | None = None
+        self._inputs: dict | None = None
 
-    def get(self, model_id: str, model, adapter, calib: np.ndarray) -> dict:
-        """{"hessians": {layer: H}, "norms": {layer: ‖X_j‖}}."""
-        key = (model_id, calib_hash(calib))
+    def get(self, model_id: str, model, adapter, calib: np.ndarray, space, db=None, device="cpu") -> dict:
+        """{"ratios": {block: D_b}, "obs_errors": {layer: e}, "errors": {layer: [e_k]}} (see
+        schedule_inputs; the first two only for sparsity targets, the last only with a database)."""
+        key = (model_id, calib_hash(calib), getattr(db, "key", None), float(space.target))
         if key != self._key:
-            st = collect_stats(model, adapter, calib)
-            self._key, self._stats = key, {"hessians": st["hessian"], "norms": st["norms"]}
-        return self._stats
+            self._key, self._inputs = key, schedule_inputs(model, adapter, calib, space, db, device)
+        return self._inputs

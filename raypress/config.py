@@ -64,6 +64,8 @@ class EvaluatorConfig:
     mode: str = "resident"
     gpus_per_evaluator: int = 1  # device_map: GPUs each evaluator spans (Ray num_gpus)
     teacher_memory: str = "device"  # where cached teacher logits live: device | pinned (host)
+    # GiB each evaluator may allocate on its GPU (null: all of it); a model bigger than this needs mode=streamed
+    max_gpu_memory: float | None = None
     # candidates scored per Ray Tune trial (amortizes Tune's per-trial cost); auto: a stage's
     # candidates spread over the evaluators (EvoPress / random), 1 for Optuna samplers
     candidates_per_trial: int | str = 1
@@ -86,8 +88,9 @@ class DatabaseConfig:
     # GPU when `device` is cuda (auto: cuda if the Ray cluster has GPUs)
     parallel: bool | int = False
     device: str = "cpu"  # cpu | cuda | auto: where SparseGPT/GPTQ runs while building
-    # where evaluators read the database from: object_store | disk (memory-mapped files, shared through the
-    # page cache) | auto (the object store when the database takes at most half of it)
+    # where the database lives during a search (raypress/placement.py): gpu (every variant on each
+    # evaluator's GPU) | host (pinned host memory) | object_store | disk (memory-mapped files shared
+    # through the page cache) | auto (gpu, else host, else the node's shared copy, by size)
     placement: str = "auto"
     # the driver's copy of the model while building: streamed one block at a time from the checkpoint
     # (true), whole (false), or auto: streamed when the model's float32 size exceeds a quarter of the
@@ -236,6 +239,10 @@ def validate(cfg: Config) -> Config:
         raise RayPressError(f"evaluator.teacher_memory must be device or pinned, got {ev.teacher_memory!r}")
     if ev.gpus_per_evaluator < 1 or (ev.gpus_per_evaluator > 1 and ev.mode != "device_map"):
         raise RayPressError("evaluator.gpus_per_evaluator must be >= 1, and > 1 only with evaluator.mode=device_map")
+    mgm = ev.max_gpu_memory
+    if mgm is not None and (isinstance(mgm, bool) or not isinstance(mgm, (int, float)) or not mgm > 0):
+        raise RayPressError(f"evaluator.max_gpu_memory is GiB per evaluator (e.g. 40) or null for the whole GPU, "
+                            f"got {mgm!r}")
     cpt = ev.candidates_per_trial
     if cpt != "auto" and not (isinstance(cpt, int) and not isinstance(cpt, bool) and cpt >= 1):
         raise RayPressError(f"evaluator.candidates_per_trial must be auto or an integer >= 1, got {cpt!r}")

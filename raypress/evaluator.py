@@ -32,6 +32,10 @@ from . import trial
 from .errors import RayPressError
 from .fitness import Teacher, kl_from_teacher, make_teacher, nll_sum
 MODES = ("resident", "streamed", "device_map")
+# where a candidate's time goes (Evaluator.stats; exact only with EvaluatorSpec.profile, which
+# synchronizes the GPU at each boundary): swapping variants in, the dense teacher forward (once per
+# stage batch), the candidate's forward pass, and the KL against the teacher
+PHASES = ("swap_s", "teacher_s", "forward_s", "kl_s")
 TEACHER_MEMORY = ("device", "pinned")
 
 
@@ -98,6 +102,9 @@ class EvaluatorSpec:
     teacher_memory: str = "device"  # device | pinned (host)
     max_memory: dict | None = None  # device_map: {gpu index: "70GiB"}; default: what each GPU has free
     variant_cache: float = 0.5  # GPU: share of free memory for device copies of swapped-in variants
+    db_placement: str = "auto"  # database.placement: where the variants are held (placement.decide_hold)
+    max_gpu_memory: float | None = None  # GiB this evaluator may allocate on its GPU (None: all of it)
+    profile: bool = False  # synchronize the GPU between phases so stats split time exactly (benchmarks)
 
 
 def _get(x):
@@ -120,6 +127,7 @@ class Evaluator:
             raise RayPressError(f"unknown evaluator.teacher_memory '{spec.teacher_memory}'; use device or pinned")
         self.device = resolve_device(spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
+        self._limit_gpu_memory()
         if self.mode == "device_map":
             if model is None:
                 model = self._load_device_map(load_model)
@@ -134,13 +142,61 @@ class Evaluator:
             self._setup_streaming()
         self.applier = spec.applier
         self.applier.attach(self.model, self.adapter)
-        if hasattr(self.applier, "cache_bytes") and self.device.startswith("cuda") and self.mode != "streamed":
+        self.hold = self._hold_variants()
+        copy = getattr(self.applier, "shared_copy", None)
+        self.db_copy = copy() if copy else None
+        if getattr(self.applier, "cache_bytes", None) is not None and self.device.startswith("cuda") \
+                and self.mode != "streamed" and self.hold != "gpu":
             # reuse device copies of variants: a swap is then a pointer change, not a host->device copy
-            self.applier.cache_bytes = int(torch.cuda.mem_get_info(self.device)[0] * spec.variant_cache)
+            self.applier.cache_bytes = int(self._gpu_free() * spec.variant_cache)
         self.calib = _get(spec.calib)
         self.eval_tokens = _get(spec.eval)
         self._teachers: OrderedDict = OrderedDict()
-        self.stats = {"evaluations": 0, "tokens": 0, "changed_units": 0, "seconds": 0.0, "teacher_forwards": 0}
+        self.stats = {"evaluations": 0, "tokens": 0, "changed_units": 0, "seconds": 0.0, "teacher_forwards": 0,
+                      "hold": self.hold, **{k: 0.0 for k in PHASES}}
+
+    # -- memory ------------------------------------------------------------------------------
+    def _limit_gpu_memory(self):
+        """evaluator.max_gpu_memory: cap this process's allocations (a model bigger than the cap must stream)."""
+        self._gpu_limit = None
+        if self.spec.max_gpu_memory is None or not self.device.startswith("cuda"):
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        self._gpu_limit = int(float(self.spec.max_gpu_memory) * 2**30)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self._gpu_limit / total), self.device)
+
+    def _gpu_free(self) -> int:
+        free = torch.cuda.mem_get_info(self.device)[0]
+        if self._gpu_limit is not None:
+            free = min(free, self._gpu_limit - torch.cuda.memory_reserved(self.device))
+        return max(int(free), 0)
+
+    def _hold_variants(self) -> str:
+        """Where the applier keeps the level variants (placement.decide_hold, from what this node has)."""
+        if not hasattr(self.applier, "hold"):
+            return "none"  # depth / width appliers have no per-weight variants
+        import logging
+
+        import psutil
+
+        from .placement import decide_hold
+
+        cuda = self.device.startswith("cuda")
+        total = (self._gpu_limit or torch.cuda.get_device_properties(self.device).total_memory) if cuda else None
+        where, why = decide_hold(self.spec.db_placement, self.applier.variant_bytes(torch.finfo(self.dtype).bits // 8),
+                                 gpu_free=self._gpu_free() if cuda else None, gpu_total=total,
+                                 host_free=psutil.virtual_memory().available,
+                                 evaluators_on_node=_evaluators_on_node(), streamed=self.mode == "streamed")
+        t0 = time.perf_counter()
+        self.applier.hold(where, self.device)
+        logging.getLogger("raypress").info("evaluator on %s holds the level variants: %s (%s; %.1f s)",
+                                           self.device, where, why, time.perf_counter() - t0)
+        return where
+
+    def _tick(self) -> float:
+        if self.spec.profile and self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # -- loading / streaming set-up ----------------------------------------------------------
     def _load_device_map(self, load_model):
@@ -293,15 +349,25 @@ class Evaluator:
     @torch.no_grad()
     def score(self, levels: dict[str, int], n_tokens: int, seed: int = 0, generation: int = 0, stage: int = 0) -> dict:
         """KL(dense ‖ config) on the (seed, generation, stage) calibration batch."""
-        t0 = time.perf_counter()
+        st = self.stats
+        t0 = self._tick()
         ids = rp_data.sample_batch(self.calib, n_tokens, seed, generation, stage)
         teachers = self._teacher((n_tokens, seed, generation, stage), ids)
+        t1 = self._tick()
         changed = self.applier.apply(levels)
+        t = self._tick()
+        st["teacher_s"] += t1 - t0
+        st["swap_s"] += t - t1
         total, count = 0.0, 0
         for (batch, logits), teacher in zip(self._forward(ids), teachers):
+            tf = self._tick()
             n = batch.shape[0] * (batch.shape[1] - 1)
             total += kl_from_teacher(teacher, logits) * n
             count += n
+            tk = self._tick()
+            st["forward_s"] += tf - t
+            st["kl_s"] += tk - tf
+            t = tk
         dt = time.perf_counter() - t0
         self.stats["evaluations"] += 1
         self.stats["tokens"] += int(ids.size)
@@ -360,8 +426,26 @@ class Evaluator:
             d = str(prm.device)
             by_dev[d] = by_dev.get(d, 0) + prm.numel() * prm.element_size()
         teach = sum(t.nbytes for ts in self._teachers.values() for t in ts)
+        import resource
+
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.startswith("cuda") else 0
-        return {"params": by_dev, "teacher": teach, "cuda_peak": int(peak)}
+        held = sum(t.numel() * t.element_size() for t in getattr(self.applier, "_held", {}).values())
+        return {"params": by_dev, "teacher": teach, "cuda_peak": int(peak), "hold": self.hold, "held_bytes": held,
+                "host_rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _evaluators_on_node() -> int:
+    """GPUs of this Ray node (an evaluator per GPU), 1 outside Ray or on CPU nodes."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return 1
+        me = ray.get_runtime_context().get_node_id()
+        node = next((n for n in ray.nodes() if n.get("NodeID") == me), {})
+        return max(1, int(node.get("Resources", {}).get("GPU", 1)))
+    except Exception:  # noqa: BLE001 - a count for a memory estimate, never a reason to fail
+        return 1
 
 
 def _node_id() -> str:
@@ -400,6 +484,7 @@ class EvaluatorTrainable(tune.Trainable):
             return {"fitness": float("nan"), "tokens": 0, trial.RESULT_KEY: self._error, "done": True}
         result["done"] = True
         result[trial.NODE] = _node_id()  # which Ray node scored it (multi-node runs, tests)
+        result[trial.DB_COPY] = self.evaluator.db_copy  # one copy per node, shared by its evaluators
         return result
 
     # a trial is one stateless evaluation: a retried trial re-runs it, nothing to checkpoint

@@ -94,8 +94,8 @@ def parse_cluster(text: str | None) -> tuple[int, int, float | None]:
 
 def resources(cfg, cluster: str | None = None, model=None) -> dict:
     """What the search will hold, from config.json alone: database bytes (the family's formula),
-    driver host peak, evaluator GPU peak and how many evaluators the cluster runs. Times are not
-    estimated here yet (they need measured per-block costs). model: as in `plan`."""
+    driver host peak, evaluator GPU peak, how many evaluators the cluster runs, and the build and
+    search time estimated from measured per-block costs (raypress/costs.py). model: as in `plan`."""
     from .database import storage_itemsize
     from .models import is_random
 
@@ -128,12 +128,15 @@ def resources(cfg, cluster: str | None = None, model=None) -> dict:
     teacher = tokens * (8 * cfg.evaluator.kl_topk if cfg.evaluator.kl_topk else 4 * vocab)
     on_gpu = total * ebytes if cfg.evaluator.mode != "streamed" else (outside + 2 * block_params) * ebytes
     gpu_peak = on_gpu // k + teacher + 2 * cfg.evaluator.batch_size * cfg.data.seq_len * vocab * 4
+    hold = _hold(cfg, family, db_bytes, gpu_peak, gb, gpus // k if gpus else 1, ebytes, sbytes)
+    if hold == "gpu":  # every variant beside the model
+        gpu_peak += db_bytes * ebytes // sbytes // k
     out = {"model_params": total, "database_bytes": db_bytes,
-           "database_placement": _placement(cfg, family, db_bytes, nodes),
+           "database_placement": _placement(cfg, family, db_bytes, nodes), "database_hold": hold,
            "driver_host_peak_bytes": int(driver), "driver_streamed": bool(streamed),
            "evaluator_gpu_peak_bytes": int(gpu_peak) if gpus else None, "evaluators": evaluators,
            "cluster": {"nodes": nodes, "gpus_per_node": gpus, "gpu_gib": gb},
-           "est_build_s": None, "est_search_s": None}
+           **_estimates(cfg, model, adapter, evaluators, nodes * gpus, gb)}
     if gpus and nodes * gpus < k:
         out["warning"] = (f"evaluator.mode=device_map spans {k} GPUs per evaluator but the cluster has {nodes * gpus}; "
                           "lower evaluator.gpus_per_evaluator or use evaluator.mode=streamed")
@@ -143,6 +146,35 @@ def resources(cfg, cluster: str | None = None, model=None) -> dict:
     if is_random(cfg.model):
         out["note"] = RANDOM_NOTE
     return out
+
+
+def _hold(cfg, family, db_bytes, gpu_peak, gpu_gib, evaluators_on_node, ebytes, sbytes) -> str | None:
+    """placement.decide_hold's answer for one evaluator (this machine's free memory stands for a node's)."""
+    if not family.has_database or db_bytes is None:
+        return None
+    import psutil
+
+    from .errors import RayPressError
+    from .placement import decide_hold
+
+    total = int(gpu_gib * 2**30) if gpu_gib else None
+    try:
+        return decide_hold(cfg.database.placement, db_bytes * ebytes // sbytes,
+                           gpu_free=None if total is None else total - gpu_peak, gpu_total=total,
+                           host_free=psutil.virtual_memory().available, evaluators_on_node=evaluators_on_node,
+                           streamed=cfg.evaluator.mode == "streamed")[0]
+    except RayPressError as e:
+        return f"does not fit: {e}"
+
+
+def _estimates(cfg, model, adapter, evaluators: int, gpus: int, gpu_gib) -> dict:
+    from . import costs
+
+    if not gpus:
+        return {"est_build_s": None, "est_search_s": None, "est_basis": ["no GPUs in --cluster: nothing measured on CPU"]}
+    gib = gpu_gib or 141.0
+    est = costs.estimate(cfg, costs.arch_of(model, adapter), evaluators=evaluators, gpus=gpus, gpu_gib=gib)
+    return {"est_build_s": est["est_build_s"], "est_search_s": est["est_search_s"], "est_basis": est["basis"]}
 
 
 def _placement(cfg, family, db_bytes, nodes: int) -> str | None:
@@ -159,18 +191,27 @@ def _placement(cfg, family, db_bytes, nodes: int) -> str | None:
     return decide(cfg.database.placement, db_bytes, 0.3 * psutil.virtual_memory().total * nodes)
 
 
+def _hours(s) -> str:
+    if s is None:
+        return "not estimated (see below)"
+    return f"~{s / 3600:.1f} h" if s >= 3600 else f"~{s / 60:.0f} min" if s >= 60 else f"~{s:.0f} s"
+
+
 def format_resources(r: dict) -> str:
     g = lambda b: "-" if b is None else f"{b / 2**30:.1f} GiB"  # noqa: E731
     c = r["cluster"]
     lines = [f"resources on {c['nodes']} node(s) x {c['gpus_per_node']} GPU(s)"
              + (f" of {c['gpu_gib']:.0f} GiB" if c["gpu_gib"] else ""),
              f"  model parameters        {r['model_params'] / 1e9:.2f} B",
-             f"  level database          {g(r['database_bytes'])} ({r['database_placement'] or 'none'})",
+             f"  level database          {g(r['database_bytes'])} (reaches nodes via "
+             f"{r['database_placement'] or 'none'}; evaluators hold it: {r['database_hold'] or 'none'})",
              f"  driver host RAM peak    {g(r['driver_host_peak_bytes'])}"
              + (" (streamed block by block)" if r["driver_streamed"] else " (whole model in float32)"),
              f"  evaluator GPU peak      {g(r['evaluator_gpu_peak_bytes'])}",
              f"  evaluators              {r['evaluators']}",
-             "  build / search time     not estimated yet (no measured per-block costs)"]
+             f"  database build time     {_hours(r['est_build_s'])}",
+             f"  search time             {_hours(r['est_search_s'])}",
+             *(f"    ({b})" for b in r.get("est_basis", []))]
     if r.get("warning"):
         lines.append(f"  warning: {r['warning']}")
     return "\n".join(lines)

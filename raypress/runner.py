@@ -143,6 +143,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             kl_topk=cfg.evaluator.kl_topk,
             mode=cfg.evaluator.mode,
             teacher_memory=cfg.evaluator.teacher_memory,
+            db_placement=cfg.database.placement,
+            max_gpu_memory=cfg.evaluator.max_gpu_memory,
         )
         uniform = family.initial(prep)
         t_search = time.time()

@@ -106,8 +106,10 @@ CONFIG_CASES = [
     ("bad evaluator count", None, ["evaluator.num_evaluators=many"], "--set evaluator.num_evaluators=many",
      "evaluator.num_evaluators must be auto"),
     ("negative target", None, ["target=-0.5"], "--set target=-0.5", "target must be a finite number >= 0"),
-    ("unknown database placement", None, ["database.placement=gpu"], "--set database.placement=gpu",
-     "database.placement must be one of auto, object_store, disk"),
+    ("unknown database placement", None, ["database.placement=ram"], "--set database.placement=ram",
+     "database.placement must be one of auto, gpu, host, object_store, disk"),
+    ("bad evaluator GPU memory cap", None, ["evaluator.max_gpu_memory=0"], "--set evaluator.max_gpu_memory=0",
+     "evaluator.max_gpu_memory is GiB per evaluator"),
     ("another family's key", None, ["database.granularity=block"], "--set database.granularity=block (sparsity)",
      "is not used by family sparsity"),
 ]

@@ -1,5 +1,5 @@
 """Multi-node behaviour without a cluster: ray.cluster_utils.Cluster gives two raylets (two object
-stores) on this machine. Evaluators run on both nodes, and losing a node mid-search ends on the
+stores) on this machine. Evaluators run on both nodes (two each, reading one copy of the database per node), and losing a node mid-search ends on the
 same best configuration as an undisturbed run (its trial is retried on the surviving node)."""
 import json
 import os
@@ -26,6 +26,11 @@ def _run(tmp_path, wikitext_path, remove_after: int) -> dict:
 def test_two_nodes_and_losing_one_mid_search(tmp_path, wikitext_path):
     calm = _run(tmp_path / "calm", wikitext_path, 0)
     assert len(calm["nodes"]) == 2  # evaluators scored candidates on both raylets
+    # the database reached each node once: both evaluators of a node read the same mapped copy
+    # (that raylet's plasma file, same offset), and the two nodes' copies are different memory
+    copies = calm["copies"]
+    assert all(len(c) == 1 and c[0] for c in copies.values()), copies
+    assert len({c[0] for c in copies.values()}) == 2, copies
     hit = _run(tmp_path / "hit", wikitext_path, 8)
     assert len(hit["removed"]) == 1
     assert hit["best"] == calm["best"] and hit["fitness"] == calm["fitness"]

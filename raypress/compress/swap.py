@@ -8,10 +8,14 @@ Linear's weight at a view of that array (or at a device/dtype copy of it when th
 on a GPU or in another dtype), and the dense weight is restored by pointing back at the
 tensor the model was loaded with — nothing is ever written into a shared array.
 
-On a GPU the evaluator sets `cache_bytes` (evaluator.variant_cache × free memory): device copies
-are kept (least recently used first out) so that switching back to a variant seen before is a
-pointer change, not a host->device copy. Searchers whose candidates differ in most layers
-(random, TPE) otherwise pay a full-model copy per candidate.
+Where the evaluator holds the variants is its `hold` (raypress.placement.decide_hold): "gpu" copies
+every variant to the GPU once, in the model's dtype (a swap is then a pointer change); "host" keeps
+them in pinned host memory (a swap is one DMA copy, and streamed evaluators' block copies become
+asynchronous); "shared" reads them from the node's shared copy on every swap. Under "shared" and
+"host", on a GPU the evaluator sets `cache_bytes` (evaluator.variant_cache × free memory): device
+copies are kept (least recently used first out) so that switching back to a variant seen before is
+a pointer change. Searchers whose candidates differ in most layers (random, TPE) otherwise pay a
+full-model copy per candidate.
 """
 from __future__ import annotations
 
@@ -42,6 +46,24 @@ def _shares(t: torch.Tensor, stored) -> bool:
         stored.ctypes.data <= t.data_ptr() < stored.ctypes.data + stored.nbytes
 
 
+def mapped_at(arr: np.ndarray) -> str | None:
+    """"<device inode path>+<file offset>" of the file mapping that holds `arr`'s data (from
+    /proc/self/maps); None for anonymous (private) memory or where /proc is not there."""
+    ptr = arr.ctypes.data
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= ptr < hi:
+                    if len(parts) < 6 or parts[4] == "0":
+                        return None
+                    return f"{parts[3]} {parts[4]} {parts[5].strip()}+{int(parts[2], 16) + ptr - lo}"
+    except OSError:
+        return None
+    return None
+
+
 class WeightSwapApplier(Applier):
     """Applies {layer: level} by swapping Linear weights to object-store variants.
 
@@ -58,7 +80,7 @@ class WeightSwapApplier(Applier):
         self.cache_bytes = 0  # device copies kept for reuse (set by the evaluator on a GPU)
         self._reset_local()
 
-    _LOCAL = ("_arrays", "_current", "_cache", "_cached_bytes", "_modules", "_dense")
+    _LOCAL = ("_arrays", "_current", "_cache", "_cached_bytes", "_modules", "_dense", "_held", "_hold")
 
     def _reset_local(self) -> None:
         """Per-process state: mapped arrays, swapped-in levels, device copies (never pickled)."""
@@ -66,6 +88,8 @@ class WeightSwapApplier(Applier):
         self._current: dict[str, int | None] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cached_bytes = 0
+        self._held: dict = {}  # (layer, level) -> tensor on the GPU or in pinned host memory
+        self._hold = "shared"
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in self._LOCAL}
@@ -100,13 +124,63 @@ class WeightSwapApplier(Applier):
             arr = self._arrays[layer] = ref
         return arr
 
+    def shared_copy(self) -> str | None:
+        """Which memory this evaluator reads the database from: "<mapped file>+<offset>" of its first
+        layer's stored array (Ray's plasma file of this node, or the database's own file on disk).
+        Evaluators of one node that share one copy give the same answer; a private copy gives None."""
+        for layer in self.refs:
+            stored = self._stored(layer)
+            arr = stored if isinstance(stored, np.ndarray) else next(
+                (v for v in stored.values() if isinstance(v, np.ndarray)), None)
+            return None if arr is None else mapped_at(arr)
+        return None
+
+    def _n_levels(self, layer: str) -> int:
+        stored = self._stored(layer)
+        return int((stored["codes"] if isinstance(stored, dict) else stored).shape[0])
+
+    def _held_levels(self):
+        for layer in self._modules:
+            for level in range(self._n_levels(layer)):
+                if self.dense_levels.get(layer) != level:  # dense levels are the model's own tensor
+                    yield layer, level
+
+    def variant_bytes(self, itemsize: int) -> int:
+        """Bytes of every non-dense variant at `itemsize` bytes per weight (what a gpu/host hold takes)."""
+        return sum(self._modules[layer].weight.numel() * itemsize for layer, _ in self._held_levels())
+
+    def hold(self, where: str, device: str) -> None:
+        """Copy every variant to where the evaluator keeps it (see the module docstring): "gpu" (device
+        copies in the model's dtype), "host" (pinned host copies in the model's dtype), or "shared"."""
+        self._held.clear()
+        self._hold = where
+        if where == "shared":
+            return
+        pin = where == "host" and device.startswith("cuda")
+        for layer, level in self._held_levels():
+            dense = self._dense[layer]
+            like = dense if where == "gpu" else torch.empty(0, dtype=dense.dtype)
+            t = self._variant(layer, level, like)
+            if _shares(t, self._stored(layer)):
+                t = t.clone()  # own memory: the pinned / device copy must not alias the shared array
+            self._held[(layer, level)] = t.pin_memory() if pin else t
+        if where == "gpu":
+            self.cache_bytes = 0  # every variant is already a device tensor
+
     def variant(self, layer: str, level: int) -> torch.Tensor:
         key = (layer, level)
+        t = self._held.get(key)
+        if t is not None:
+            dense = self._dense[layer]
+            if t.device == dense.device:
+                return t
+            key = ("held", layer, level)  # pinned host copy -> device: cached like any other copy
         t = self._cache.get(key)
         if t is not None:
             self._cache.move_to_end(key)
             return t
-        t = self._variant(layer, level)
+        held = self._held.get((layer, level))
+        t = held.to(self._dense[layer].device, non_blocking=True) if held is not None else self._variant(layer, level)
         if self.cache_bytes > 0 and t.data_ptr() != 0 and not _shares(t, self._stored(layer)):
             self._cache[key] = t
             self._cached_bytes += t.numel() * t.element_size()
@@ -115,7 +189,7 @@ class WeightSwapApplier(Applier):
                 self._cached_bytes -= old.numel() * old.element_size()
         return t
 
-    def _variant(self, layer: str, level: int) -> torch.Tensor:
+    def _variant(self, layer: str, level: int, like: torch.Tensor | None = None) -> torch.Tensor:
         stored = self._stored(layer)
         if self.decode is not None:
             arr = self.decode(stored, level)
@@ -123,7 +197,7 @@ class WeightSwapApplier(Applier):
             arr = decode_packed(stored, level)
         else:
             arr = stored[level]
-        return _as_tensor(arr, self._dense[layer])
+        return _as_tensor(arr, self._dense[layer] if like is None else like)
 
     def apply(self, levels: dict[str, int]) -> int:
         changed = 0

@@ -89,12 +89,14 @@ class WeightFamily(Family):
         return {}
 
     def schedule(self, name, cfg, prep, model, adapter, calib) -> dict:
-        """uniform, or a statistics-driven schedule (OWL, Hessian, DP) on the dense model's Hessians
-        and input norms (prep.context["stats"], calibrated once per model and tokens)."""
+        """uniform, or a statistics-driven schedule (OWL, Hessian, DP) on what one streamed pass over
+        the dense model reduced its Hessians and input norms to (prep.context["stats"], once per model,
+        tokens, database and target)."""
         if name == "uniform" or name not in self.schedules:
             return super().schedule(name, cfg, prep, model, adapter, calib)
-        stats = prep.context["stats"].get(cfg.model, model, adapter, calib)
-        return run_schedule(name, prep.space, db=prep.db, **stats)
+        inputs = prep.context["stats"].get(cfg.model, model, adapter, calib, prep.space, prep.db,
+                                           device=database_devices(cfg)["device"])
+        return run_schedule(name, prep.space, db=prep.db, **inputs)
 
     def export(self, model, adapter, best, prep, out_dir, *, tokenizer=None, source="", overwrite=False,
                extra_info=None):

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The scale measurements of issue 15 on one H200 (staged with bench/device_setup.sh), phase by phase so
+# that each fits one device call:  bash bench/scale_h200.sh 8b | 70b | opt66b
+# Random weights of real architectures: time and memory are real, quality numbers are meaningless.
+# The device has 64 GiB of disk: ladders are cut to 2-3 stored levels (the plan scales by levels) and
+# each phase deletes its database when it is done. Outputs go to $OUT (JSON, logs, measured_costs.json).
+set -o pipefail
+export PYTHONPATH=/tmp/site:$PWD RAYPRESS_CACHE=/tmp/rpcache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+O=${OUT:-/tmp/out}; mkdir -p "$O"
+[ -f /tmp/valid.txt ] || cp .dev/data/valid.txt /tmp/valid.txt
+data=text:/tmp/valid.txt
+case "${1:-}" in
+  8b)  # every block of Llama-3-8B, EvoPress's stage sizes, database held on the GPU
+    timeout 360 python3 bench/scale.py --model random:llama-3-8b --levels 0.3,0.5,0.7 --target 0.5 --data $data \
+      --generations 5 --cache /tmp/sc8 --out "$O/r8b.json" 2>&1 | grep -v Warning | tail -25
+    rm -rf /tmp/sc8
+    # SparseGPT's build cost per OPT-66B block (build only; the plan extrapolates to 64 blocks)
+    timeout 130 python3 bench/scale.py --model random:opt-66b@1 --method sparsegpt --levels 0.6,0.7,0.8 \
+      --target 0.7 --data $data --paths "" --cache /tmp/sg --out "$O/sgpt66.json" 2>&1 | tail -3
+    rm -rf /tmp/sg ;;
+  70b)  # bigger than the GPU memory it may use: streamed under a 10 GiB cap
+    timeout 500 python3 bench/scale.py --model random:llama-3.1-70b@8 --mode streamed --max-gpu-memory 10 \
+      --levels 0.5,0.7 --target 0.6 --data $data --batch-size 4 --kl-topk 64 --generations 3 --paths raw \
+      --cache /tmp/sc70 --out "$O/r70.json" 2>&1 | grep -v Warning | tail -20
+    rm -rf /tmp/sc70 ;;
+  opt66b)  # the cluster job at true width, 8 of 64 blocks
+    RAYPRESS_HOME=/tmp/rph timeout 560 /usr/bin/time -v python3 jobs/prune_opt66b.py \
+      --set model=random:opt-66b@8 --set method=magnitude --set "levels=[0.6, 0.7, 0.8]" --set data.source=$data \
+      --set data.n_calib=32 --set data.n_eval=8 --set searcher.generations=4 --set searcher.offspring=8 \
+      --set "searcher.stages=[[4096, 2], [16384, 1]]" --set evaluator.mode=resident \
+      --set evaluator.gpus_per_evaluator=1 --set database.parallel=false --set database.cache_dir=/tmp/db66 \
+      > "$O/opt66b.log" 2>&1; echo "rc $?"
+    grep -vE "Warning|it/s\]|s/it\]" "$O/opt66b.log" | grep -E "resources|model param|level data|driver|evaluator|evaluators|time|searcher|evopress|tpe|hessian|held-out|built|Maximum resident|Elapsed|rror" | tail -40
+    rm -rf /tmp/db66 ;;
+  *) echo "usage: $0 8b | 70b | opt66b" >&2; exit 2 ;;
+esac
+cp raypress/measured_costs.json "$O/" 2>/dev/null || true
