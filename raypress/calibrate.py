@@ -272,12 +272,13 @@ def collect_input_norms(model, adapter, calib: np.ndarray, batch_size=8, device=
 
 
 def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="cpu",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, layers: Sequence[str] | None = None) -> dict:
     """What the statistics-driven schedules need, in one streamed pass over the dense model: block by
     block, while the block's weights and its layers' Hessians exist, reduce them to a few numbers
     and drop them — OWL's outlier ratio of the block (`ratios`), each layer's OBS error at the target
     (`obs_errors`, the Hessian scheduler) and its error at every level of the database (`errors`,
-    the DP). Memory: one block's Hessians on `device`, never the model's (OPT-66B's would be 350 GB)."""
+    the DP). Memory: one block's Hessians on `device`, never the model's (OPT-66B's would be 350 GB).
+    layers: the linear layers (default: the space's; a space of fused units passes their layers)."""
     from .search.schedules import LayerStats, block_of, block_outlier_ratio, level_errors, obs_error
 
     sparsity = 0.0 <= float(space.target) < 1.0  # OWL and the Hessian scheduler are for sparsity ladders
@@ -286,7 +287,7 @@ def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="c
     obs: dict[str, float] = {}
     errors: dict[str, list[float]] = {}
     for _, st in iter_block_stats(model, adapter, calib, ("hessian", "norms"), device=device,
-                                  layers=space.layers, progress=progress, out_device=device):
+                                  layers=list(layers or space.layers), progress=progress, out_device=device):
         groups: dict[str, list] = {}
         for layer, H in st["hessian"].items():
             W = lin[layer].weight  # materialized for this block's turn (streamed models)
@@ -312,10 +313,12 @@ class StatsCache:
         self._key = None
         self._inputs: dict | None = None
 
-    def get(self, model_id: str, model, adapter, calib: np.ndarray, space, db=None, device="cpu") -> dict:
+    def get(self, model_id: str, model, adapter, calib: np.ndarray, space, db=None, device="cpu",
+            layers: Sequence[str] | None = None) -> dict:
         """{"ratios": {block: D_b}, "obs_errors": {layer: e}, "errors": {layer: [e_k]}} (see
         schedule_inputs; the first two only for sparsity targets, the last only with a database)."""
-        key = (model_id, calib_hash(calib), getattr(db, "key", None), float(space.target))
+        key = (model_id, calib_hash(calib), getattr(db, "key", None), float(space.target),
+               None if layers is None else tuple(layers))
         if key != self._key:
-            self._key, self._inputs = key, schedule_inputs(model, adapter, calib, space, db, device)
+            self._key, self._inputs = key, schedule_inputs(model, adapter, calib, space, db, device, layers=layers)
         return self._inputs

@@ -121,7 +121,13 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from .rundir import export_run
 
-    out = export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    sizes: dict = {}
+    out = export_run(args.run_dir, args.out, overwrite=args.overwrite, fmt=args.format, report=sizes)
+    if sizes:
+        q, d = sizes["quantized_bytes_predicted"], sizes["dense_bytes"]
+        print(f"{args.format}: {sizes['bytes'] / 2**20:.2f} MiB of safetensors (packed arithmetic: quantized layers "
+              f"{q / 2**20:.2f} MiB + dense tensors {d / 2**20:.2f} MiB = {(q + d) / 2**20:.2f} MiB); layers per "
+              f"bitwidth {sizes['groups']}")
     print(f"exported to {out} (load with raypress.rundir.load_any or `raypress eval {out}`)")
     return 0
 
@@ -188,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="the search's output folder (raypress_runs/<name>-<time>)")
     e.add_argument("--out", required=True, help="folder to create")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--format", default="hf", choices=("hf", "compressed-tensors"),
+                   help="hf: a plain Hugging Face folder (default); compressed-tensors: packed integer weights, "
+                        "one config group per bitwidth (quant searches; vLLM loads it)")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("eval", help="held-out perplexity of a model folder (an export or any HF folder)")
     v.add_argument("path")

@@ -83,6 +83,7 @@ class DatabaseConfig:
     storage_dtype: str = "float16"
     cache_dir: str | None = None
     group_size: int = 128  # quantization groups
+    symmetric: bool = False  # quantization grid: symmetric (no zero points; what vLLM's Marlin kernels serve) or min-max
     granularity: str = "sublayer"  # depth: sublayer | block
     # build blocks as parallel Ray tasks (False: in the driver; an int: tasks in flight), each on a
     # GPU when `device` is cuda (auto: cuda if the Ray cluster has GPUs)
@@ -104,6 +105,7 @@ class Config:
     family: str = "sparsity"
     method: str = "sparsegpt"
     levels: list | None = None  # level ladder (values); None = the method's default
+    units: str = "linear"  # weight families: linear (every layer its own level) | fused (q/k/v, gate/up share one)
     target: float = 0.6
     data: DataConfig = field(default_factory=DataConfig)
     searcher: SearcherConfig = field(default_factory=SearcherConfig)

@@ -51,22 +51,50 @@ def load_run(run_dir) -> tuple[object, dict]:
     return config_from_dict(state["config"], state.get("explicit", [])), json.loads(res.read_text())["best_config"]
 
 
-def export_run(run_dir, out_dir, overwrite: bool = False) -> Path:
-    """Write the best config of a finished search as a Hugging Face folder (its family's export)."""
+def export_run(run_dir, out_dir, overwrite: bool = False, fmt: str = "hf", report: dict | None = None) -> Path:
+    """Write the best config of a finished search as a Hugging Face folder (its family's export), or
+    in a serving format the family writes (`fmt`, e.g. compressed-tensors; `report` gets its sizes)."""
     from .data import load_tokens, make_splits
     from .families import get_family
     from .models import get_adapter, load_model
 
     cfg, best = load_run(run_dir)
     family = get_family(cfg.family)
+    if fmt not in family.formats:
+        raise RayPressError(f"a {cfg.family} search exports as {' or '.join(family.formats)}, not {fmt!r}; "
+                            f"use --format {family.formats[0]}")
     model, tok = load_model(cfg.model)
     adapter = get_adapter(model)
     splits = make_splits(load_tokens(cfg.data.source, tok, cfg.data.max_tokens), cfg.data.seq_len,
                          cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
     prep = family.prepare(cfg, model, adapter, splits.calib, serve=False)
     info = {"search_dir": str(Path(run_dir).resolve())}
-    return family.export(model, adapter, best, prep, out_dir, tokenizer=tok, source=cfg.model, overwrite=overwrite,
-                         extra_info=info)
+    if fmt != "hf":
+        out, sizes = family.export_as(fmt, model, adapter, best, prep, out_dir, tokenizer=tok, source=cfg.model,
+                                      overwrite=overwrite, extra_info=info)
+        if report is not None:
+            report.update(sizes)
+    else:
+        out = family.export(model, adapter, best, prep, out_dir, tokenizer=tok, source=cfg.model,
+                            overwrite=overwrite, extra_info=info)
+        sizes = {"bytes": sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))}
+    log_export(read_state(Path(run_dir)), fmt, out, sizes)
+    return out
+
+
+def log_export(state: dict, fmt: str, out, sizes: dict) -> None:
+    """The export's format, folder and bytes on the search's MLflow run (its status untouched)."""
+    import logging
+
+    try:
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(state["tracking_uri"])
+        c.set_tag(state["run_id"], f"raypress.export.{fmt}", str(Path(out).resolve()))
+        c.log_metric(state["run_id"], f"export_bytes_{fmt.replace('-', '_')}", float(sizes["bytes"]))
+    except Exception as e:  # noqa: BLE001 - the export itself is written; say what was not logged
+        logging.getLogger("raypress").warning("export written to %s, but not logged on MLflow run %s: %s",
+                                              out, state.get("run_id"), e)
 
 
 def load_any(path):

@@ -151,6 +151,10 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         history: list = []
         evaluations = 0
         best_fitness = None
+        # every run folder says what ran (one-shot schedules too: `raypress export` reads it)
+        base = {"run_name": run_name, "run_id": tracker.run_id, "tracking_uri": tracker.uri,
+                "config": cfg.to_dict(), "explicit": sorted(cfg.explicit)}
+        atomic_write(state_file, {**base, "searcher": state.get("searcher") if state else None})
         if info.one_shot:
             best = family.schedule(info.name, cfg, prep, model, adapter, splits.calib)
         else:
@@ -158,9 +162,6 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             if cfg.searcher.init != registry.DEFAULT_INIT:  # a warm start from a schedule, for any searcher
                 initial = family.schedule(cfg.searcher.init, cfg, prep, model, adapter, splits.calib)
             searcher = info.build(cfg, space, initial, state.get("searcher") if state else None)
-            base = {"run_name": run_name, "run_id": tracker.run_id, "tracking_uri": tracker.uri,
-                    "config": cfg.to_dict(), "explicit": sorted(cfg.explicit)}
-            atomic_write(state_file, {**base, "searcher": state.get("searcher") if state else None})
             cbs = [generation_logger(searcher, tracker, t_search), state_saver(searcher, state_file, base)]
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"
             run_tune(cfg, info, spec, searcher, space, cbs + list(callbacks or []), out_dir, name)

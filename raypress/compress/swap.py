@@ -73,8 +73,10 @@ class WeightSwapApplier(Applier):
     the dense config is bit-exact.
     """
 
-    def __init__(self, refs: dict, dense_levels: dict[str, int] | None = None, decode=None):
+    def __init__(self, refs: dict, dense_levels: dict[str, int] | None = None, decode=None,
+                 units: dict[str, list[str]] | None = None):
         self.refs = refs
+        self.units = units  # {unit: [layers]} when configs name fused units (families/units.py)
         self.dense_levels = dense_levels or {}
         self.decode = decode  # optional: (stored_obj, level) -> ndarray, e.g. packed quant codes
         self.cache_bytes = 0  # device copies kept for reuse (set by the evaluator on a GPU)
@@ -97,6 +99,7 @@ class WeightSwapApplier(Applier):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__dict__.setdefault("cache_bytes", 0)  # pickled before the device cache existed
+        self.__dict__.setdefault("units", None)
         self._reset_local()
 
     def attach(self, model, adapter) -> None:
@@ -200,6 +203,8 @@ class WeightSwapApplier(Applier):
         return _as_tensor(arr, self._dense[layer] if like is None else like)
 
     def apply(self, levels: dict[str, int]) -> int:
+        if self.units:  # a unit's level goes to each of its layers
+            levels = {layer: lv for u, lv in levels.items() for layer in self.units.get(u, [u])}
         changed = 0
         for layer, module in self._modules.items():
             level = levels.get(layer)

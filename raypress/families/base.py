@@ -27,7 +27,7 @@ from ..errors import RayPressError
 COMMON_KEYS = ("model", "family", "method", "target", "data", "searcher", "evaluator", "tracking", "ray_address",
                "output", "database.cache_dir")
 #: family-specific keys some family reads; a config that sets one its family does not read is refused
-SPECIFIC_KEYS = ("levels", "database.storage_dtype", "database.group_size", "database.granularity",
+SPECIFIC_KEYS = ("levels", "units", "database.storage_dtype", "database.group_size", "database.symmetric", "database.granularity",
                  "database.parallel", "database.device", "database.placement", "database.stream")
 
 
@@ -96,6 +96,14 @@ class Family(ABC):
     def export(self, model, adapter, best: dict, prep: Prepared, out_dir, *, tokenizer=None, source: str = "",
                overwrite: bool = False, extra_info: dict | None = None) -> Path:
         """Write `best` (a config of prep.space) as a Hugging Face folder."""
+
+    #: export formats it writes ("hf": a plain Hugging Face folder, every family)
+    formats: tuple[str, ...] = ("hf",)
+
+    def export_as(self, fmt: str, model, adapter, best: dict, prep: Prepared, out_dir, *, tokenizer=None,
+                  source: str = "", overwrite: bool = False, extra_info: dict | None = None) -> tuple[Path, dict]:
+        """Write `best` in a serving format other than "hf" (one of `formats`): (folder, sizes)."""
+        raise RayPressError(f"family {self.name} exports {', '.join(self.formats)}, not {fmt}")
 
     def load_export(self, path):
         """The model of an export folder this family wrote."""

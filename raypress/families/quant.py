@@ -12,16 +12,40 @@ from .weights import WeightFamily
 class QuantFamily(WeightFamily):
     name = "quant"
     methods = ("gptq", "rtn")
-    keys = WeightFamily.keys + ("database.group_size",)
+    keys = WeightFamily.keys + ("database.group_size", "database.symmetric")
     schedules = ("uniform", "dp")
     value_kind = "bits"
 
     def method_kwargs(self, cfg) -> dict:
-        kw = {"group_size": cfg.database.group_size}
+        if not isinstance(cfg.database.symmetric, bool):
+            from ..errors import RayPressError
+
+            raise RayPressError(f"database.symmetric must be true or false, got {cfg.database.symmetric!r}")
+        kw = {"group_size": cfg.database.group_size, "sym": cfg.database.symmetric}
         if cfg.levels is not None:
             kw["bits"] = cfg.levels
         return kw
 
+
+    formats = ("hf", "compressed-tensors")
+
+    def export_as(self, fmt, model, adapter, best, prep, out_dir, *, tokenizer=None, source="", overwrite=False,
+                  extra_info=None):
+        """compressed-tensors: the database's codes, packed, one config group per bitwidth (ct_export)."""
+        from ..ct_export import export_compressed_tensors
+        from ..export import base_info, clean_levels
+        from . import units
+
+        if fmt not in self.formats or fmt == "hf":
+            return super().export_as(fmt, model, adapter, best, prep, out_dir)
+        cfg = clean_levels(best, prep.space)
+        prep.space.check(cfg)
+        layers = units.expand(cfg, prep.context.get("units"))
+        method = prep.context["method"]
+        info = {**base_info(prep.space, cfg, self.name, source, method.params()), **(extra_info or {}),
+                "layers": {l: {"level": k, "value": float(prep.db.level_values[l][k])} for l, k in layers.items()}}
+        return export_compressed_tensors(model, adapter, layers, prep.db, method, out_dir, tokenizer=tokenizer,
+                                         info=info, overwrite=overwrite)
 
     def export_info(self, info: dict, method_params: dict) -> dict:
         out = {"bits": {l: v["value"] for l, v in info["layers"].items()},

@@ -16,11 +16,12 @@ from ..export import base_info, clean_levels, write_export
 from ..models import is_random
 from ..search.schedules import run_schedule
 from ..space import SearchSpace
+from . import units
 from .base import Family, Prepared
 
 
 class WeightFamily(Family):
-    keys = ("levels", "database.storage_dtype", "database.parallel", "database.device", "database.placement",
+    keys = ("levels", "units", "database.storage_dtype", "database.parallel", "database.device", "database.placement",
             "database.stream")
     has_database = True
 
@@ -60,14 +61,16 @@ class WeightFamily(Family):
         self.method(cfg)  # the method validates its ladder and options (one-line errors)
         if cfg.database.stream not in (True, False, "auto"):
             raise RayPressError(f"database.stream must be true, false or auto, got {cfg.database.stream!r}")
+        units.check(cfg.units)
         if cfg.database.placement not in placement.PLACEMENTS:
             raise RayPressError(f"database.placement must be one of {', '.join(placement.PLACEMENTS)}, got "
                                 f"{cfg.database.placement!r}")
 
     def space(self, cfg, adapter) -> SearchSpace:
         layers = adapter.linear_layers()
-        return SearchSpace.from_values(self.method(cfg).level_values(), cfg.target, layers=list(layers),
-                                       n_params=[int(m.weight.numel()) for m in layers.values()])
+        per_layer = SearchSpace.from_values(self.method(cfg).level_values(), cfg.target, layers=list(layers),
+                                            n_params=[int(m.weight.numel()) for m in layers.values()])
+        return units.space(per_layer, units.group(layers, cfg.units))
 
     def build_database(self, cfg, model, adapter, calib):
         return build_database(cfg.model, model, adapter, self.method(cfg), calib, cache_root=cfg.database.cache_dir,
@@ -76,12 +79,14 @@ class WeightFamily(Family):
     def prepare(self, cfg, model, adapter, calib, *, serve: bool = True) -> Prepared:
         method = self.method(cfg)
         db = self.build_database(cfg, model, adapter, calib)
-        space = SearchSpace.for_database(db, cfg.target)
+        groups = units.group(db.layers, cfg.units)
+        space = units.space(SearchSpace.for_database(db, cfg.target), groups)
         applier, where = None, None
         if serve:
             refs, where = placement.serve(db, cfg.database.placement)
-            applier = WeightSwapApplier(refs, self.dense_levels(db), decode=method.decode_stored)
-        return Prepared(space, applier, db=db, context={"db": db, "method": method},
+            applier = WeightSwapApplier(refs, self.dense_levels(db), decode=method.decode_stored,
+                                        units=None if units.is_trivial(groups) else groups)
+        return Prepared(space, applier, db=db, context={"db": db, "method": method, "units": groups},
                         describe={"db.key": db.key, "db.path": str(db.path), "db.placement": where})
 
     def dense_levels(self, db) -> dict[str, int]:
@@ -94,8 +99,16 @@ class WeightFamily(Family):
         tokens, database and target)."""
         if name == "uniform" or name not in self.schedules:
             return super().schedule(name, cfg, prep, model, adapter, calib)
+        groups = prep.context.get("units")
+        layers = None if units.is_trivial(groups) else [m for ms in groups.values() for m in ms]
         inputs = prep.context["stats"].get(cfg.model, model, adapter, calib, prep.space, prep.db,
-                                           device=database_devices(cfg)["device"])
+                                           device=database_devices(cfg)["device"], layers=layers)
+        if layers is not None:  # per-layer numbers -> per unit (OBS errors and level errors add up)
+            inputs = dict(inputs)
+            if "errors" in inputs:
+                inputs["errors"] = units.per_unit(inputs["errors"], groups)
+            if "obs_errors" in inputs:
+                inputs["obs_errors"] = {u: sum(inputs["obs_errors"][m] for m in ms) for u, ms in groups.items()}
         return run_schedule(name, prep.space, db=prep.db, **inputs)
 
     def export(self, model, adapter, best, prep, out_dir, *, tokenizer=None, source="", overwrite=False,
@@ -112,12 +125,11 @@ class WeightFamily(Family):
         linears = adapter.linear_layers()
         layers_info = {}
         dense = self.dense_levels(db)
-        for i, layer in enumerate(space.layers):
+        for layer, level in units.expand(cfg, prep.context.get("units")).items():
             if layer not in linears:
                 raise RayPressError(f"search-space layer '{layer}' is not a linear layer of this model; "
                                     "export with the model the database was built for")
-            level = cfg[layer]
-            layers_info[layer] = {"level": level, "value": float(space.level_values[i][level])}
+            layers_info[layer] = {"level": level, "value": float(db.level_values[layer][level])}
             if dense.get(layer) == level:
                 continue  # dense: keep the model's own tensor (bit-exact, like the evaluator)
             lin = linears[layer]
