@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import RayPressError, user_error
 
@@ -47,6 +48,11 @@ def cmd_search(args) -> int:
         if args.config:
             raise RayPressError("--resume takes its config from the output folder; drop --config")
         state = read_state(args.resume)
+        from .rundir import RESULT_FILE
+
+        if (Path(args.resume) / RESULT_FILE).is_file():
+            raise RayPressError(f"the search in {args.resume} has finished (its {RESULT_FILE} is written); nothing to "
+                                f"resume: export it with `raypress export {args.resume} --out DIR`")
         for item in args.set:  # only settings that do not change what is searched
             key = item.split("=", 1)[0].strip()
             if not key.startswith(RESUMABLE_KEYS):
@@ -135,6 +141,9 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from .rundir import eval_folder
 
+    if args.n_eval < 1 or args.n_calib < 0 or args.seq_len < 8:
+        raise RayPressError(f"--n-eval must be >= 1 (held-out sequences), --n-calib >= 0 and --seq-len >= 8; got "
+                            f"{args.n_eval}, {args.n_calib}, {args.seq_len}")
     ppl = eval_folder(args.path, args.data, args.seq_len, args.n_eval, args.n_calib, args.seed)
     print(f"{args.path}: held-out perplexity {ppl:.3f} on {args.data}")
     return 0
@@ -173,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run a search (EvoPress, TPE, random, or a one-shot schedule)")
     _add_config_args(s)
     s.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted search from its output folder")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress lines (every generation, or every 10 s)")
     s.set_defaults(func=cmd_search)
     pl = sub.add_parser("plan", help="check a config without building anything: for every (target, searcher), "
                                      "whether the search would start and why not")
@@ -189,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(c)
     c.add_argument("--searchers", help="comma list (default: evopress,tpe,random,uniform,owl,hessian,dp)")
     c.add_argument("--targets", help="comma list of budgets, e.g. 0.5,0.6,0.7 (default: the config's target)")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress lines (every generation, or every 10 s)")
     c.set_defaults(func=cmd_compare)
     e = sub.add_parser("export", help="write a finished search's best config as a Hugging Face folder")
     e.add_argument("run_dir", help="the search's output folder (raypress_runs/<name>-<time>)")
@@ -218,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        logging.getLogger("raypress.progress").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -226,6 +226,12 @@ def validate(cfg: Config) -> Config:
             )
     if cfg.searcher.generations < 1 or cfg.searcher.offspring < 1:
         raise RayPressError("searcher.generations and searcher.offspring must be >= 1")
+    if cfg.searcher.samples is not None and cfg.searcher.samples < 1:
+        raise RayPressError(f"searcher.samples must be >= 1 (candidate evaluations) or null for the evolution's "
+                            f"budget, got {cfg.searcher.samples}")
+    for key, seed in (("searcher.seed", cfg.searcher.seed), ("data.seed", cfg.data.seed)):
+        if not 0 <= seed < 2**32:
+            raise RayPressError(f"{key} must be in [0, 2^32), got {seed}")
     ev = cfg.evaluator
     for key in ("num_evaluators", "cpus_per_evaluator"):
         v = getattr(ev, key)
@@ -257,6 +263,28 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping key given twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _safe_load_unique(text: str):
+    """yaml.safe_load that refuses duplicate keys (a SafeLoader subclass: no Python objects)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None,
                 base_explicit=None) -> Config:
     """Load a YAML search space (or defaults, or the `base` mapping, whose user-set keys are
@@ -269,15 +297,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise RayPressError(f"config file '{p}' not found; see search_spaces/ for examples")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _safe_load_unique(p.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or ""
+            if "duplicate key" in problem:
+                raise RayPressError(f"config file '{p}' sets {problem}{where}; keep one (a second one would silently "
+                                    "replace the first)") from None
             raise RayPressError(f"config file '{p}' is not valid YAML{where}; fix the syntax") from None
         if not isinstance(data, dict):
             raise RayPressError(f"config file '{p}' must be a YAML mapping of keys (model:, family:, ...)")
     for item in overrides or []:
         keys, value = _parse_override(item)
+        section = typing.get_type_hints(Config).get(keys[0]) if len(keys) == 1 else None
+        if section is not None and dataclasses.is_dataclass(section):
+            first = dataclasses.fields(section)[0].name
+            raise RayPressError(f"override '{item}' would replace the whole '{keys[0]}' section; set one of its keys, "
+                                f"e.g. {keys[0]}.{first}={value if value not in (None, '') else '...'}")
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})

@@ -162,7 +162,9 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             if cfg.searcher.init != registry.DEFAULT_INIT:  # a warm start from a schedule, for any searcher
                 initial = family.schedule(cfg.searcher.init, cfg, prep, model, adapter, splits.calib)
             searcher = info.build(cfg, space, initial, state.get("searcher") if state else None)
-            cbs = [generation_logger(searcher, tracker, t_search), state_saver(searcher, state_file, base)]
+            cbs = [generation_logger(searcher, tracker, t_search, info.total_evaluations(cfg),
+                                     cfg.searcher.generations if info.generational else None),
+                   state_saver(searcher, state_file, base)]
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"
             run_tune(cfg, info, spec, searcher, space, cbs + list(callbacks or []), out_dir, name)
             best, best_fitness = searcher.best_config, searcher.best_fitness

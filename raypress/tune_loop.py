@@ -24,17 +24,49 @@ def atomic_write(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def generation_logger(searcher, tracker, t0: float):
-    """Tune callback: forwards the searcher's per-generation summaries to MLflow."""
+PROGRESS_EVERY_S = 10.0  # at most one progress line this often (an EvoPress generation always gets one)
+
+
+def _clock(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def progress_line(h: dict, total_evals: int, generations: int | None, elapsed: float) -> str:
+    """One line of a search's progress: where it is, its fitness, its speed and when it ends."""
+    done = int(h.get("evaluations", 0))
+    where = (f"gen {int(h.get('generation', 0)) + 1}/{generations}" if generations
+             else f"eval {done}/{total_evals}")
+    rate = done / max(elapsed, 1e-9)
+    eta = (total_evals - done) / rate if rate > 0 and total_evals > done else 0.0
+    return (f"  {where}  best KL {h.get('best_fitness', float('nan')):.4f}  median "
+            f"{h.get('median_fitness', float('nan')):.4f}  {done}/{total_evals} evals  {rate:.2f} evals/s  "
+            f"{int(h.get('tokens', 0)):,} tokens  {_clock(elapsed)} elapsed  ETA {_clock(eta)}")
+
+
+def generation_logger(searcher, tracker, t0: float, total_evals: int = 0, generations: int | None = None):
+    """Tune callback: forwards the searcher's per-generation summaries to MLflow, and prints a progress
+    line (logger "raypress.progress": every EvoPress generation, else at most every PROGRESS_EVERY_S)."""
+    import logging
+
     from ray import tune
 
+    log = logging.getLogger("raypress.progress")
+
     class GenerationLogger(tune.Callback):
-        def _flush(self):
-            for h in searcher.pop_new_history():
+        last = 0.0
+
+        def _flush(self, final: bool = False):
+            new = searcher.pop_new_history()
+            for i, h in enumerate(new):
                 wall = max(time.time() - t0, 1e-9)
                 m = {k: h[k] for k in ("best_fitness", "median_fitness", "evaluations", "tokens") if k in h}
                 m["evaluations_per_s"] = h.get("evaluations", 0) / max(h.get("wall_time", wall), 1e-9)
                 tracker.log_metrics(m, step=int(h.get("generation", 0)))
+                now = time.time()
+                if generations or now - self.last >= PROGRESS_EVERY_S or (final and i == len(new) - 1):
+                    log.info(progress_line(h, total_evals, generations, now - t0))
+                    self.last = now
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._flush()
@@ -43,7 +75,7 @@ def generation_logger(searcher, tracker, t0: float):
             self._flush()
 
         def on_experiment_end(self, trials, **info):
-            self._flush()
+            self._flush(final=True)
 
     return GenerationLogger()
 

@@ -112,6 +112,13 @@ CONFIG_CASES = [
      "evaluator.max_gpu_memory is GiB per evaluator"),
     ("another family's key", None, ["database.granularity=block"], "--set database.granularity=block (sparsity)",
      "is not used by family sparsity"),
+    ("duplicate YAML key", "target: 0.5\nsearcher:\n  generations: 3\ntarget: 0.7\n", [], "`target:` given twice",
+     "sets duplicate key 'target' at line 4"),
+    ("a whole section set", None, ["searcher=uniform"], "--set searcher=uniform",
+     "e.g. searcher.name=uniform"),
+    ("negative sample budget", None, ["searcher.samples=-1"], "--set searcher.samples=-1", "searcher.samples must be >= 1"),
+    ("seed out of range", None, ["searcher.seed=-1"], "--set searcher.seed=-1", "searcher.seed must be in [0, 2^32)"),
+    ("bad fused-units setting", None, ["units=qkv"], "--set units=qkv", "units must be one of linear, fused"),
 ]
 
 
@@ -264,6 +271,17 @@ def test_resume_errors(tmp_path, capsys):
     (tmp_path / "broken" / "raypress_state.json").write_text('{"run_name": "x", "config": {"mod')
     line = _cli(capsys, ["search", "--resume", tmp_path / "broken"])
     _record("resume state corrupt", "--resume <folder with a truncated raypress_state.json>", line, "is unreadable", t0)
+
+    t0 = time.time()
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "raypress_state.json").write_text(json.dumps({"run_name": "x", "config": {}}))
+    (tmp_path / "done" / "result.json").write_text("{}")
+    line = _cli(capsys, ["search", "--resume", tmp_path / "done"])
+    _record("resume a finished search", "--resume <finished run folder>", line, "has finished", t0)
+
+    t0 = time.time()
+    line = _cli(capsys, ["eval", tmp_path / "done", "--n-eval", "0"])
+    _record("eval on no tokens", "raypress eval DIR --n-eval 0", line, "--n-eval must be >= 1", t0)
 
     t0 = time.time()
     (tmp_path / "ok").mkdir()

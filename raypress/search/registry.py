@@ -9,6 +9,8 @@ runner drives a searcher:
     sequential   each suggestion should see every earlier result (model-based samplers: one
                  candidate per trial, in order)
     resumable    get_state() / build(state=...) continue an interrupted search
+    generational its history has one entry per generation (searcher.generations of them); others
+                 report per trial or per chunk of trials (progress lines say "eval i/n")
 
 Every Tune searcher reports the same way (search/base.py `REPORTING`): best_config, best_fitness,
 history (+ pop_new_history), evaluations, get_state. `check(cfg, family, space)` is the one
@@ -31,8 +33,13 @@ class SearcherInfo:
     batched: bool = False
     sequential: bool = False
     resumable: bool = False
+    generational: bool = False
     builder: str | None = None  # "module:function" (name, cfg, space, initial, state) -> Searcher
     summary: str = ""
+
+    def total_evaluations(self, cfg) -> int:
+        """Candidate evaluations this searcher will spend on cfg (the progress lines' denominator)."""
+        return evolution_budget(cfg.searcher) if self.generational else evaluation_budget(cfg)[0]
 
     def build(self, cfg, space, initial=None, state=None):
         mod, fn = self.builder.split(":")
@@ -40,7 +47,7 @@ class SearcherInfo:
 
 
 SEARCHERS: dict[str, SearcherInfo] = {s.name: s for s in (
-    SearcherInfo("evopress", batched=True, resumable=True, builder="raypress.search.evolution:build",
+    SearcherInfo("evopress", batched=True, resumable=True, generational=True, builder="raypress.search.evolution:build",
                  summary="EvoPress: level-switch mutations + multi-step selection"),
     SearcherInfo("random", batched=True, resumable=True, builder="raypress.search.random:build",
                  summary="random feasible configs"),

@@ -1,0 +1,30 @@
+"""A search prints where it is while it runs: one line per EvoPress generation (generation/total,
+best and median KL, evaluations, evaluations/s, tokens, elapsed, ETA); --quiet silences them."""
+import logging
+
+from raypress.tune_loop import progress_line
+
+
+def test_progress_line_says_where_how_fast_and_when():
+    h = {"generation": 3, "best_fitness": 0.195, "median_fitness": 0.2004, "evaluations": 64, "tokens": 51200}
+    line = progress_line(h, 384, 24, 240.0)
+    assert "gen 4/24" in line and "best KL 0.1950" in line and "median 0.2004" in line
+    assert "64/384 evals" in line and "0.27 evals/s" in line and "51,200 tokens" in line
+    assert "4m00s elapsed" in line and "ETA 20m00s" in line  # (384 - 64) / (64 / 240 s)
+    assert "eval 64/384" in progress_line(h, 384, None, 240.0)  # per-trial searchers
+
+
+def test_search_prints_a_line_per_generation(tmp_path, ray_session, mlflow_uri, wikitext_path, caplog):
+    from _tiny import tiny_llama
+    from raypress.config import load_config
+    from raypress.runner import run_search
+
+    cfg = load_config(None, [
+        f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=16",
+        "data.n_eval=4", "searcher.generations=3", "searcher.offspring=3", "searcher.stages=[[128, 1]]",
+        f"output={tmp_path / 'runs'}", f"database.cache_dir={tmp_path / 'db'}", "method=magnitude", "target=0.5"])
+    with caplog.at_level(logging.INFO, logger="raypress.progress"):
+        run_search(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "raypress.progress"]
+    assert [l.split()[1] for l in lines] == ["1/3", "2/3", "3/3"], lines
+    assert lines[-1].rstrip().endswith("ETA 0m00s")
