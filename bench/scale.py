@@ -137,6 +137,7 @@ def main(argv=None) -> int:
         f"{db.total_bytes / 2**30:.1f} GiB ({n_levels} levels) in {build_s:.1f} s ({build_s / arch['blocks']:.2f} s/block)")
     space = SearchSpace.for_database(db, args.target)
     del model
+    log(f"driver RSS peak {rss_peak() / 2**30:.1f} GiB after the build")
 
     # evaluators ---------------------------------------------------------------------------------
     paths = [x for x in args.paths.split(",") if x]
@@ -154,6 +155,12 @@ def main(argv=None) -> int:
     bargs = argparse.Namespace(generations=args.generations, offspring=args.offspring, seed=args.seed,
                                cpus_per_evaluator=2)
     P = arch["matmul_params"]
+
+    def save():  # after every phase: a run cut off by a time limit keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+
+    save()
 
     def searcher():
         return EvoPressSearcher(space, generations=args.generations, offspring=args.offspring, stages=stages,
@@ -192,6 +199,7 @@ def main(argv=None) -> int:
             row.update(run_tune(ray, spec, space, bargs, stages, 1, gfrac, True, storage))
         row["mfu"] = mfu(row["tokens_per_s"])
         report["rows"].append(row)
+        save()
         log(f"  {path:<5} {row['evals_per_s']:7.2f} evals/s {row['tokens_per_s']:9.0f} tok/s  MFU {100 * row['mfu']:.1f}%")
     raw = next((r for r in report["rows"] if r["path"] == "raw"), None)
     tune_row = next((r for r in report["rows"] if r["path"] == "tune"), None)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The scale measurements of issue 15 on one H200 (staged with bench/device_setup.sh), phase by phase so
-# that each fits one device call:  bash bench/scale_h200.sh 8b | 70b | opt66b
+# that each fits one device call:  bash bench/scale_h200.sh 8b | sgpt66 | 70b | opt66b
+# (T=seconds caps a phase, GENS=generations, PATHS=raw,tune)
 # Random weights of real architectures: time and memory are real, quality numbers are meaningless.
 # The device has 64 GiB of disk: ladders are cut to 2-3 stored levels (the plan scales by levels) and
 # each phase deletes its database when it is done. Outputs go to $OUT (JSON, logs, measured_costs.json).
@@ -11,17 +12,18 @@ O=${OUT:-/tmp/out}; mkdir -p "$O"
 data=text:/tmp/valid.txt
 case "${1:-}" in
   8b)  # every block of Llama-3-8B, EvoPress's stage sizes, database held on the GPU
-    timeout 360 python3 bench/scale.py --model random:llama-3-8b --levels 0.3,0.5,0.7 --target 0.5 --data $data \
-      --generations 5 --cache /tmp/sc8 --out "$O/r8b.json" 2>&1 | grep -v Warning | tail -25
-    rm -rf /tmp/sc8
-    # SparseGPT's build cost per OPT-66B block (build only; the plan extrapolates to 64 blocks)
+    timeout ${T:-560} python3 bench/scale.py --model random:llama-3-8b --levels 0.5,0.7 --target 0.6 --data $data \
+      --generations ${GENS:-3} --paths ${PATHS:-raw,tune} --cache /tmp/sc8 --out "$O/r8b.json" 2>&1 | grep -v Warning \
+      | tee "$O/r8b.log" | tail -25
+    rm -rf /tmp/sc8 ;;
+  sgpt66)  # SparseGPT's build cost per OPT-66B block (build only; the plan extrapolates to 64 blocks)
     timeout 130 python3 bench/scale.py --model random:opt-66b@1 --method sparsegpt --levels 0.6,0.7,0.8 \
       --target 0.7 --data $data --paths "" --cache /tmp/sg --out "$O/sgpt66.json" 2>&1 | tail -3
     rm -rf /tmp/sg ;;
   70b)  # bigger than the GPU memory it may use: streamed under a 10 GiB cap
-    timeout 500 python3 bench/scale.py --model random:llama-3.1-70b@8 --mode streamed --max-gpu-memory 10 \
-      --levels 0.5,0.7 --target 0.6 --data $data --batch-size 4 --kl-topk 64 --generations 3 --paths raw \
-      --cache /tmp/sc70 --out "$O/r70.json" 2>&1 | grep -v Warning | tail -20
+    timeout ${T:-500} python3 bench/scale.py --model random:llama-3.1-70b@8 --mode streamed --max-gpu-memory 10 \
+      --levels 0.5,0.7 --target 0.6 --data $data --batch-size 4 --kl-topk 64 --generations ${GENS:-3} --paths raw \
+      --cache /tmp/sc70 --out "$O/r70.json" 2>&1 | grep -v Warning | tee "$O/r70.log" | tail -20
     rm -rf /tmp/sc70 ;;
   opt66b)  # the cluster job at true width, 8 of 64 blocks
     RAYPRESS_HOME=/tmp/rph timeout 560 /usr/bin/time -v python3 jobs/prune_opt66b.py \
@@ -32,6 +34,6 @@ case "${1:-}" in
       > "$O/opt66b.log" 2>&1; echo "rc $?"
     grep -vE "Warning|it/s\]|s/it\]" "$O/opt66b.log" | grep -E "resources|model param|level data|driver|evaluator|evaluators|time|searcher|evopress|tpe|hessian|held-out|built|Maximum resident|Elapsed|rror" | tail -40
     rm -rf /tmp/db66 ;;
-  *) echo "usage: $0 8b | 70b | opt66b" >&2; exit 2 ;;
+  *) echo "usage: $0 8b | sgpt66 | 70b | opt66b" >&2; exit 2 ;;
 esac
 cp raypress/measured_costs.json "$O/" 2>/dev/null || true

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import RayPressError, user_error
+from .errors import RayPressError, first_line as _first_line, os_error, user_error, write_crash_log
 
 
 def _quiet() -> None:
@@ -231,17 +231,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         logging.getLogger("raypress.progress").setLevel(logging.WARNING)
+    from .interrupt import Interrupted
+    from .ray_env import shutdown_own_ray
+
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("raypress: interrupted (resume with `raypress search --resume <output dir>`)", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - a RayPressError may come back wrapped by Ray / Tune
-        err = user_error(e)
-        if err is None:
-            raise
-        print(f"raypress: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:
+        shutdown_own_ray()
+        stop = e if isinstance(e, Interrupted) else Interrupted()
+        where = stop.resume_dir or "<output dir>"
+        print(f"raypress: interrupted ({stop.signal_name}); nothing final was written: resume with "
+              f"`raypress search --resume {where}`", file=sys.stderr)
+        return stop.exit_code
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: one line for every failure
+        shutdown_own_ray()
+        err = user_error(e) or os_error(e)
+        if err is not None:
+            print(f"raypress: error: {err}", file=sys.stderr)
+            return 2
+        print(f"raypress: error: unexpected {type(e).__name__}: {_first_line(e)} (full traceback in "
+              f"{write_crash_log(e, argv)}; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -38,3 +38,54 @@ def user_error(exc: BaseException | None) -> RayPressError | None:
         stack.extend([e.__cause__, e.__context__])
         stack.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
     return None
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def os_error(exc: BaseException | None) -> RayPressError | None:
+    """A disk-full, permission or read-only failure behind `exc` as one line naming the file and the
+    fix (these reach the CLI from deep inside torch, safetensors, MLflow or Ray), else None."""
+    import errno
+
+    seen: set[int] = set()
+    e = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            what = f" writing {e.filename}" if e.filename else ""
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return RayPressError(f"no space left on the device{what}; free space or point output / "
+                                     "database.cache_dir / RAYPRESS_CACHE at a larger disk, then run it again "
+                                     "(a search resumes with --resume)")
+            return RayPressError(f"permission denied{what or ''} ({e.strerror}); pick a folder you can write "
+                                 "(output, database.cache_dir, RAYPRESS_CACHE) or fix its permissions")
+        if "No space left on device" in str(e):
+            return RayPressError("no space left on the device; free space or point output / database.cache_dir / "
+                                 "RAYPRESS_CACHE at a larger disk, then run it again (a search resumes with --resume)")
+        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+    return None
+
+
+def write_crash_log(exc: BaseException, argv=None) -> str:
+    """The traceback of an unexpected failure in a log file (the CLI prints one line pointing to it)."""
+    import os
+    import sys
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    root = Path(os.environ.get("RAYPRESS_CACHE") or Path.home() / ".cache" / "raypress").expanduser() / "logs"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"raypress-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(f"argv: {argv if argv is not None else sys.argv[1:]}\n" +
+                        "".join(traceback.format_exception(exc)))
+    except OSError:  # the cache itself is unwritable (or full): fall back to the temp folder
+        fd, name = tempfile.mkstemp(prefix="raypress-crash-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(traceback.format_exception(exc)))
+        path = Path(name)
+    return str(path)

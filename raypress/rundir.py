@@ -38,6 +38,24 @@ def read_state(run_dir) -> dict:
     return state
 
 
+def check_owner(run_dir, state: dict) -> None:
+    """A resume may only reopen the MLflow run that this folder owns: a copy of a run folder names
+    the original's run, and resuming it would rewrite (or fail) the original's run. A folder that was
+    moved (its recorded place is gone) still owns its run."""
+    from mlflow.tracking import MlflowClient
+
+    here = Path(run_dir).resolve()
+    try:
+        tags = MlflowClient(state["tracking_uri"]).get_run(state["run_id"]).data.tags
+    except Exception:  # noqa: BLE001 - a missing run or store is reported when the run is reopened
+        return
+    owner = tags.get("raypress.output_dir")
+    if owner and Path(owner).resolve() != here and (Path(owner) / STATE_FILE).is_file():
+        raise RayPressError(
+            f"{here} is a copy of the search folder {owner}, whose MLflow run {state['run_id']} it names; resume "
+            f"{owner} itself (a resume of the copy would rewrite that run), or start a new search")
+
+
 def load_run(run_dir) -> tuple[object, dict]:
     """(Config, best config) of a finished search folder."""
     from .config import config_from_dict
@@ -48,7 +66,41 @@ def load_run(run_dir) -> tuple[object, dict]:
     if not res.is_file():
         raise RayPressError(f"{d} has no {RESULT_FILE}: the search did not finish; "
                             f"resume it with `raypress search --resume {d}`")
-    return config_from_dict(state["config"], state.get("explicit", [])), json.loads(res.read_text())["best_config"]
+    try:
+        best = json.loads(res.read_text())["best_config"]
+        if not isinstance(best, dict):
+            raise TypeError("best_config is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RayPressError(f"{res} is unreadable ({type(e).__name__}: {str(e)[:80]}); it is written atomically, so "
+                            f"it was edited or damaged afterwards: restore it, or delete it and resume the search "
+                            f"with `raypress search --resume {d}`") from None
+    return config_from_dict(state["config"], state.get("explicit", [])), best
+
+
+def check_export_target(out_dir, overwrite: bool, run_dir, model_spec: str) -> None:
+    """Refuse, before anything is loaded, an export folder that would destroy what the user owns:
+    one that is, contains or lies inside the model being read or a search folder; `--overwrite`
+    replaces only a previous RayPress export (a folder with raypress.json)."""
+    from .export import INFO_FILE
+
+    out = Path(out_dir).expanduser().resolve()
+    protected = [(Path(run_dir).resolve(), "the search folder being exported")]
+    local = Path(model_spec).expanduser()
+    if local.exists():
+        protected.append((local.resolve() if local.is_dir() else local.resolve().parent, "the model being read"))
+    for p, what in protected:
+        if out == p or p.is_relative_to(out) or out.is_relative_to(p):
+            raise RayPressError(f"--out {out} would overwrite or sit inside {what} ({p}); export to a folder "
+                                "outside it, e.g. --out exported/<name>")
+    for parent in [out, *out.parents]:
+        if (parent / STATE_FILE).is_file():
+            raise RayPressError(f"--out {out} is inside the search folder {parent}; export to a folder outside it")
+    if out.exists():
+        if not overwrite:
+            raise RayPressError(f"export folder {out} already exists; choose another --out or pass --overwrite")
+        if not out.is_dir() or not (out / INFO_FILE).is_file():
+            raise RayPressError(f"--overwrite replaces only a previous RayPress export, and {out} is not one (no "
+                                f"{INFO_FILE}); choose another --out")
 
 
 def export_run(run_dir, out_dir, overwrite: bool = False, fmt: str = "hf", report: dict | None = None) -> Path:
@@ -59,6 +111,7 @@ def export_run(run_dir, out_dir, overwrite: bool = False, fmt: str = "hf", repor
     from .models import get_adapter, load_model
 
     cfg, best = load_run(run_dir)
+    check_export_target(out_dir, overwrite, run_dir, cfg.model)
     family = get_family(cfg.family)
     if fmt not in family.formats:
         raise RayPressError(f"a {cfg.family} search exports as {' or '.join(family.formats)}, not {fmt!r}; "

@@ -240,6 +240,13 @@ class Tracker:
                 self.client.set_terminated(self.run_id, "FAILED")
                 self.closed = True
 
+    def note_interrupt(self, reason: str) -> None:
+        """Why a KILLED run stopped and how to resume it (best effort: the run is already ended)."""
+        try:
+            self.client.set_tag(self.run_id, "raypress.error", reason[:5000])
+        except Exception:  # noqa: BLE001 - the store may be what was interrupted
+            pass
+
     def kill(self) -> None:
         if not self.closed:
             self.client.set_terminated(self.run_id, "KILLED")

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from . import trial
+from . import interrupt, trial
 from .errors import RayPressError
 from .ray_env import resources
 
@@ -69,13 +69,16 @@ def generation_logger(searcher, tracker, t0: float, total_evals: int = 0, genera
                     self.last = now
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._flush()
+            if interrupt.pending() is None:
+                self._flush()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._flush()
+            if interrupt.pending() is None:
+                self._flush()
 
         def on_experiment_end(self, trials, **info):
-            self._flush(final=True)
+            if interrupt.pending() is None:
+                self._flush(final=True)
 
     return GenerationLogger()
 
@@ -86,7 +89,8 @@ def state_saver(searcher, path: Path, base: dict):
 
     class StateSaver(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            atomic_write(path, {**base, "searcher": searcher.get_state()})
+            if interrupt.pending() is None:  # trials ended by a stop request were not evaluated
+                atomic_write(path, {**base, "searcher": searcher.get_state()})
 
         on_trial_error = on_trial_complete
 
@@ -108,7 +112,7 @@ def _user_error_stopper():
             return False
 
         def stop_all(self):
-            return self.error is not None
+            return self.error is not None or interrupt.pending() is not None
 
     return Stopper()
 
@@ -132,6 +136,8 @@ def run_tune(cfg, info, spec, searcher, space, callbacks: list, storage: Path, n
     n_eval, res = resources(cfg)
     stopper = _user_error_stopper()
     num_samples = getattr(searcher, "num_samples", -1)  # -1: the searcher says when it is finished
+    if num_samples == 0:  # a resume whose budget was already spent (killed after its last trial)
+        return None
     searcher, num_samples = _batched(cfg, info, searcher, num_samples, n_eval)
     tuner = tune.Tuner(
         make_trainable(spec, res),
@@ -158,7 +164,8 @@ def run_tune(cfg, info, spec, searcher, space, callbacks: list, storage: Path, n
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
         ),
     )
-    results = tuner.fit()
+    with interrupt.graceful():  # a first Ctrl-C / SIGTERM stops the trials, then raises Interrupted
+        results = tuner.fit()
     if stopper.error:
         raise RayPressError(stopper.error)
     return results

@@ -279,6 +279,27 @@ def test_resume_errors(tmp_path, capsys):
     line = _cli(capsys, ["search", "--resume", tmp_path / "done"])
     _record("resume a finished search", "--resume <finished run folder>", line, "has finished", t0)
 
+    (tmp_path / "done" / "result.json").write_text(json.dumps({"best_config": {}}))
+    t0 = time.time()
+    line = _cli(capsys, ["export", tmp_path / "done", "--out", tmp_path / "done", "--overwrite"])
+    _record("export over its own search folder", "export RUN --out RUN --overwrite", line,
+            "would overwrite or sit inside the search folder", t0)
+    assert (tmp_path / "done" / "result.json").is_file()
+
+    t0 = time.time()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    line = _cli(capsys, ["export", tmp_path / "done", "--out", tmp_path / "mine", "--overwrite"])
+    _record("export --overwrite onto a folder that is not an export", "export RUN --out <user folder> --overwrite",
+            line, "replaces only a previous RayPress export", t0)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+    t0 = time.time()
+    (tmp_path / "done" / "result.json").write_text('{"best_conf')
+    line = _cli(capsys, ["export", tmp_path / "done", "--out", tmp_path / "exp"])
+    _record("corrupt result.json", "export RUN with a truncated result.json", line, "result.json is unreadable", t0)
+    (tmp_path / "done" / "result.json").write_text("{}")
+
     t0 = time.time()
     line = _cli(capsys, ["eval", tmp_path / "done", "--n-eval", "0"])
     _record("eval on no tokens", "raypress eval DIR --n-eval 0", line, "--n-eval must be >= 1", t0)

@@ -1,0 +1,69 @@
+"""Ctrl-C and SIGTERM stop a search resumable, never as if finished (raypress/interrupt.py).
+
+A real `raypress search` process gets the signal after its first generation: it must exit 128 +
+signal, print the resume command (one line, no C++ stack dump), write no result.json, leave its
+MLflow run KILLED with the resume command, and leave no Ray process behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from _tiny import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c-to-the-group", "sigterm-to-the-driver"])
+def test_signal_stops_the_search_resumable(tmp_path, wikitext_path, signum, to_group):
+    import psutil
+
+    ov = [f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=32",
+          "data.n_eval=8", "searcher.generations=8", "searcher.offspring=4", "searcher.stages=[[128, 2], [256, 1]]",
+          "target=0.5", f"database.cache_dir={tmp_path / 'db'}", f"output={tmp_path / 'out'}",
+          f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    cmd = [sys.executable, "-m", "raypress.cli", "search"] + [a for o in ov for a in ("--set", o)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    err = open(tmp_path / "stderr.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    state = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            f = next((tmp_path / "out").glob("*/raypress_state.json"), None)
+            st = json.loads(f.read_text()) if f else None
+            if st and st.get("searcher") and st["searcher"]["history"]:
+                state = st
+                break
+            time.sleep(0.2)
+        assert state is not None, (tmp_path / "stderr.log").read_text()[-3000:]
+        children = psutil.Process(proc.pid).children(recursive=True)
+        (os.killpg if to_group else os.kill)(proc.pid, signum)
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        err.close()
+    text = (tmp_path / "stderr.log").read_text()
+    out_dir = f.parent
+    assert rc == 128 + signum, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith(f"raypress: interrupted ({signal.Signals(signum).name})") and \
+        f"raypress search --resume {out_dir}" in last
+    assert "Traceback" not in text and "logging.cc" not in text and "SIGTERM received" not in text
+    assert not (out_dir / "result.json").exists()
+    assert len(json.loads((out_dir / "raypress_state.json").read_text())["searcher"]["history"]) < 8
+    run = MlflowClient(state["tracking_uri"]).get_run(state["run_id"])
+    assert run.info.status == "KILLED" and f"--resume {out_dir}" in run.data.tags["raypress.error"]
+    gone, alive = psutil.wait_procs([c for c in children if c.is_running()], timeout=30)
+    assert not alive, [p.name() for p in alive]  # the driver's Ray went with it
