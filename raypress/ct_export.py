@@ -17,7 +17,6 @@ transformers' loader (5.x with compressed-tensors 0.20), which then refuses the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import RayPressError
+from .export import INFO_FILE, publish
 
 FORMAT = "compressed-tensors"
 SHARD_BYTES = 4 * 2**30
@@ -143,14 +143,8 @@ def export_compressed_tensors(model, adapter, layer_levels: dict, db, method, ou
                  "quantized_bytes_predicted": predicted, "dense_bytes": predicted_dense,
                  "groups": {b: len(s.targets) for b, s in schemes.items()}}
         if info is not None:
-            (tmp / "raypress.json").write_text(json.dumps({**info, "format": FORMAT, "sizes": sizes}, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+            (tmp / INFO_FILE).write_text(json.dumps({**info, "format": FORMAT, "sizes": sizes}, indent=2) + "\n")
+        publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir, sizes

@@ -21,8 +21,9 @@ def _message(e: BaseException) -> str:
     return (text.strip().splitlines() or [""])[0]
 
 
-def user_error(exc: BaseException | None) -> RayPressError | None:
-    """The RayPressError behind `exc` (itself, or inside Ray/Tune wrappers), else None."""
+def _chain(exc: BaseException | None):
+    """`exc` and every exception behind it: causes, contexts, Ray's `cause`, exceptions passed as args
+    (Ray / Tune wrap what an actor or a trial raised)."""
     seen: set[int] = set()
     stack = [exc]
     while stack:
@@ -30,13 +31,20 @@ def user_error(exc: BaseException | None) -> RayPressError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
         cause = getattr(e, "cause", None)  # RayTaskError keeps the remote exception here
-        if isinstance(e, RayPressError) and not isinstance(cause, BaseException):
-            return RayPressError(_message(e))
         if isinstance(cause, BaseException):
             stack.append(cause)
         stack.extend([e.__cause__, e.__context__])
         stack.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
+
+
+def user_error(exc: BaseException | None) -> RayPressError | None:
+    """The RayPressError behind `exc` (itself, or inside Ray/Tune wrappers), else None."""
+    for e in _chain(exc):
+        # a RayTaskError.as_instanceof_cause() object is also a RayPressError: take its cause instead
+        if isinstance(e, RayPressError) and not isinstance(getattr(e, "cause", None), BaseException):
+            return RayPressError(_message(e))
     return None
 
 
@@ -49,22 +57,16 @@ def os_error(exc: BaseException | None) -> RayPressError | None:
     fix (these reach the CLI from deep inside torch, safetensors, MLflow or Ray), else None."""
     import errno
 
-    seen: set[int] = set()
-    e = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-            what = f" writing {e.filename}" if e.filename else ""
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                return RayPressError(f"no space left on the device{what}; free space or point output / "
-                                     "database.cache_dir / RAYPRESS_CACHE at a larger disk, then run it again "
-                                     "(a search resumes with --resume)")
-            return RayPressError(f"permission denied{what or ''} ({e.strerror}); pick a folder you can write "
+    for e in _chain(exc):
+        code = e.errno if isinstance(e, OSError) else None
+        what = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+            return RayPressError(f"no space left on the device{what}; free space or point output / "
+                                 "database.cache_dir / RAYPRESS_CACHE at a larger disk, then run it again "
+                                 "(a search resumes with --resume)")
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return RayPressError(f"permission denied{what} ({e.strerror}); pick a folder you can write "
                                  "(output, database.cache_dir, RAYPRESS_CACHE) or fix its permissions")
-        if "No space left on device" in str(e):
-            return RayPressError("no space left on the device; free space or point output / database.cache_dir / "
-                                 "RAYPRESS_CACHE at a larger disk, then run it again (a search resumes with --resume)")
-        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
     return None
 
 
@@ -77,13 +79,15 @@ def write_crash_log(exc: BaseException, argv=None) -> str:
     import traceback
     from pathlib import Path
 
-    root = Path(os.environ.get("RAYPRESS_CACHE") or Path.home() / ".cache" / "raypress").expanduser() / "logs"
     try:
+        from .models import cache_dir
+
+        root = cache_dir() / "logs"
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"raypress-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         path.write_text(f"argv: {argv if argv is not None else sys.argv[1:]}\n" +
                         "".join(traceback.format_exception(exc)))
-    except OSError:  # the cache itself is unwritable (or full): fall back to the temp folder
+    except (OSError, ImportError):  # the cache is unwritable (or full), or torch is what failed: the temp folder
         fd, name = tempfile.mkstemp(prefix="raypress-crash-", suffix=".log")
         with os.fdopen(fd, "w") as f:
             f.write("".join(traceback.format_exception(exc)))

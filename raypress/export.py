@@ -135,16 +135,22 @@ def write_export(model, out_dir, *, tokenizer=None, info: dict | None = None, fi
             (tmp / INFO_FILE).write_text(json.dumps(_jsonable(info), indent=2) + "\n")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        if out_dir.exists():  # overwrite: swap in, then delete the old export
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished export folder `tmp` to `out_dir`: renamed into place, or (overwrite) swapped
+    with the existing folder first, which is deleted after (never a half-written `out_dir`)."""
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def read_export_info(path) -> dict:

@@ -64,7 +64,7 @@ def graceful():
 @contextmanager
 def interruptible():
     """SIGINT and SIGTERM raise Interrupted in the main thread while the block runs. Call it after
-    ray.init (which installs its own SIGTERM handler). Nested or off the main thread: no-op."""
+    ray.init (which installs its own SIGTERM handler). Off the main thread: no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -89,7 +89,15 @@ def interruptible():
             signal.signal(s, h)
 
 
-def as_interrupted(e: KeyboardInterrupt, resume_dir) -> Interrupted:
-    """`e` as an Interrupted that names the folder to resume (a plain Ctrl-C is SIGINT)."""
-    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-    return Interrupted(signum, str(resume_dir))
+@contextmanager
+def resumable(resume_dir, on_stop=None):
+    """`interruptible()`, and any stop of the block re-raised as an Interrupted that names `resume_dir`
+    (a plain Ctrl-C counts as SIGINT), after `on_stop(stop)` (e.g. noting it on the MLflow run)."""
+    with interruptible():
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            stop = Interrupted(e.signum if isinstance(e, Interrupted) else signal.SIGINT, str(resume_dir))
+            if on_stop is not None:
+                on_stop(stop)
+            raise stop from None

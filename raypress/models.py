@@ -27,7 +27,7 @@ import torch
 
 from .adapters import (Gemma3Adapter, LlamaAdapter, ModelAdapter, OPTAdapter, get_adapter,  # noqa: F401
                        supported_model_types)
-from .errors import RayPressError
+from .errors import RayPressError, first_line as _first_line
 
 log = logging.getLogger("raypress")
 
@@ -491,11 +491,6 @@ def meta_model(spec: str):
     except ValueError as e:
         raise RayPressError(f"model '{spec}' is not a causal LM transformers {_tf_version()} can build "
                             f"({_first_line(e)}); use a decoder-only model such as smollm2-135m") from None
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__
 
 
 def _tf_version() -> str:

@@ -22,7 +22,7 @@ from .evaluator import Evaluator, EvaluatorSpec
 from .families import get_family
 from .models import RANDOM_NOTE, get_adapter, is_random, load_model
 from .ray_env import ensure_ray, resources
-from .interrupt import as_interrupted, interruptible
+from .interrupt import resumable
 from .rundir import STATE_FILE, check_owner, read_state
 from .search import registry
 from .tracking import Tracker, fitness_curve, level_heatmap, tracked
@@ -102,6 +102,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
     else:
         run_name = cfg.tracking.run_name or default_run_name(cfg)
         out_dir = Path(cfg.output) / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    state_file = out_dir / STATE_FILE
     info = registry.get_searcher(cfg.searcher.name)
 
     # everything a user can get wrong is checked before an MLflow run exists
@@ -118,21 +119,11 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         check_owner(out_dir, state)
     tracker = Tracker(uri, cfg.tracking.experiment, run_name, parent_run_id=parent_run_id,
                       run_id=state and state.get("run_id"))
-    # Ctrl-C / SIGTERM: the run is KILLED, no result is written, the state file stays the resume point
-    with interruptible():
-        try:
-            return _run(cfg, tracker, out_dir, run_name, info, state, resume, model, adapter, family, splits,
-                        ray, res, stats, callbacks, t_start)
-        except KeyboardInterrupt as e:
-            stop = as_interrupted(e, out_dir)
-            tracker.note_interrupt(f"stopped by {stop.signal_name}; resume with `raypress search --resume {out_dir}`")
-            raise stop from None
 
+    def stopped(stop):  # Ctrl-C / SIGTERM: the run is KILLED (tracked), no result, the state file resumes it
+        tracker.note_interrupt(f"stopped by {stop.signal_name}; resume with `raypress search --resume {out_dir}`")
 
-def _run(cfg, tracker, out_dir, run_name, info, state, resume, model, adapter, family, splits, ray, res, stats,
-         callbacks, t_start) -> SearchResult:
-    state_file = out_dir / STATE_FILE
-    with tracked(tracker):
+    with resumable(out_dir, stopped), tracked(tracker):
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info("search %s: outputs in %s (continue an interrupted search with `raypress search --resume %s`)",
                  run_name, out_dir, out_dir)

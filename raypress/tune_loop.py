@@ -57,6 +57,8 @@ def generation_logger(searcher, tracker, t0: float, total_evals: int = 0, genera
         last = 0.0
 
         def _flush(self, final: bool = False):
+            if interrupt.pending() is not None:  # what ran after a stop request is not the searcher's history
+                return
             new = searcher.pop_new_history()
             for i, h in enumerate(new):
                 wall = max(time.time() - t0, 1e-9)
@@ -69,16 +71,13 @@ def generation_logger(searcher, tracker, t0: float, total_evals: int = 0, genera
                     self.last = now
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if interrupt.pending() is None:
-                self._flush()
+            self._flush()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            if interrupt.pending() is None:
-                self._flush()
+            self._flush()
 
         def on_experiment_end(self, trials, **info):
-            if interrupt.pending() is None:
-                self._flush(final=True)
+            self._flush(final=True)
 
     return GenerationLogger()
 
