@@ -93,7 +93,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-record", action="store_true", help="do not write raypress/measured_costs.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write every number as JSON here")
+    p.add_argument("--record-from", default=None, metavar="REPORT.json",
+                   help="record the costs of a saved --out report (one cut off by a time limit) and exit")
     args = p.parse_args(argv)
+    if args.record_from:
+        return record_from(args.record_from)
 
     import ray
 
@@ -156,9 +160,13 @@ def main(argv=None) -> int:
                                cpus_per_evaluator=2)
     P = arch["matmul_params"]
 
-    def save():  # after every phase: a run cut off by a time limit keeps what it measured
+    report["arch"] = arch
+
+    def save():  # after every phase: a run cut off by a time limit keeps what it measured (and records it)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        if not args.no_record and device.startswith("cuda"):
+            record(report)
 
     save()
 
@@ -234,13 +242,36 @@ def main(argv=None) -> int:
     print(f"build: {b['seconds']:.1f} s ({b['s_per_block']:.2f} s/block, {b['levels']} levels, {b['method']} on "
           f"{b['device']}), driver RSS peak {b['driver_rss_peak_bytes'] / 2**30:.2f} GiB, build GPU peak "
           f"{b['gpu_peak_bytes'] / 2**30:.2f} GiB{' (from cache)' if b['cached'] else ''}")
-    if not args.no_record and not b["cached"] and device.startswith("cuda"):
-        entry = costs.record(arch, gpu=gpu, method=args.method, levels=b["levels"], build_s=b["seconds"],
-                             build_device=b["device"], mode=args.mode, evals_per_s=raw and raw["evals_per_s"],
-                             tokens_per_s=raw and raw["tokens_per_s"], stages=args.stages, offspring=args.offspring)
-        log(f"recorded per-block costs in {costs.PATH.name}: {entry['key']}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def record(report: dict) -> None:
+    """The report's per-block costs into raypress/measured_costs.json (the planner's numbers); a build
+    read from a --cache folder measured nothing."""
+    b, args = report["build"], report["args"]
+    if b["cached"]:
+        return
+    raw = next((r for r in report["rows"] if r["path"] == "raw"), None)
+    entry = costs.record(report["arch"], gpu=report["gpu"], method=args["method"], levels=b["levels"],
+                         build_s=b["seconds"], build_device=b["device"], mode=args["mode"],
+                         evals_per_s=raw and raw["evals_per_s"], tokens_per_s=raw and raw["tokens_per_s"],
+                         stages=args["stages"], offspring=args["offspring"])
+    log(f"recorded per-block costs in {costs.PATH.name}: {entry['key']}")
+
+
+def record_from(path: str) -> int:
+    """Record a saved report; reports written before the architecture was saved in them get it from
+    the model spec (a random: model builds in seconds, without its weights' memory)."""
+    report = json.loads(Path(path).read_text())
+    if "build" not in report:
+        sys.exit(f"{path}: the run stopped before its database build finished: nothing to record")
+    if "arch" not in report:
+        cfg = load_config(None, [f"model={report['args']['model']}", f"method={report['args']['method']}"])
+        model, _ = load_model(cfg.model, **get_family(cfg.family).driver_model(cfg))
+        report["arch"] = costs.arch_of(model, get_adapter(model))
+    record(report)
     return 0
 
 

@@ -250,8 +250,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"raypress: error: {err}", file=sys.stderr)
             return 2
         print(f"raypress: error: unexpected {type(e).__name__}: {_first_line(e)} (full traceback in "
-              f"{write_crash_log(e, argv)}; please report it)", file=sys.stderr)
+              f"{write_crash_log(e, _crash_log_dir(), argv)}; please report it)", file=sys.stderr)
         return 1
+
+
+def _crash_log_dir():
+    """The cache's logs folder; the temp folder when the cache itself cannot be named (torch is what broke)."""
+    try:
+        from .models import cache_dir
+
+        return cache_dir() / "logs"
+    except ImportError:
+        import tempfile
+
+        return tempfile.gettempdir()
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ def os_error(exc: BaseException | None) -> RayPressError | None:
     return None
 
 
-def write_crash_log(exc: BaseException, argv=None) -> str:
-    """The traceback of an unexpected failure in a log file (the CLI prints one line pointing to it)."""
+def write_crash_log(exc: BaseException, root, argv=None) -> str:
+    """The traceback of an unexpected failure in a log file under `root` (the CLI passes the cache's
+    logs folder and prints one line pointing to the file); the temp folder when `root` is unwritable."""
     import os
     import sys
     import tempfile
@@ -80,14 +81,12 @@ def write_crash_log(exc: BaseException, argv=None) -> str:
     from pathlib import Path
 
     try:
-        from .models import cache_dir
-
-        root = cache_dir() / "logs"
+        root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"raypress-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         path.write_text(f"argv: {argv if argv is not None else sys.argv[1:]}\n" +
                         "".join(traceback.format_exception(exc)))
-    except (OSError, ImportError):  # the cache is unwritable (or full), or torch is what failed: the temp folder
+    except OSError:  # the cache is unwritable (or full): the temp folder
         fd, name = tempfile.mkstemp(prefix="raypress-crash-", suffix=".log")
         with os.fdopen(fd, "w") as f:
             f.write("".join(traceback.format_exception(exc)))
