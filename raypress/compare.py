@@ -15,7 +15,7 @@ from .calibrate import StatsCache
 from .config import Config, validate
 from .models import RANDOM_NOTE, is_random
 from .ray_env import ensure_ray
-from .runner import run_search
+from .runner import run_search, search_curves
 from .search import registry
 from .tracking import Tracker, fitness_curve, tracked
 
@@ -66,7 +66,7 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
         evals, per_eval = matched_budget(cfg)
         parent.log_params({"compare.matched_evaluations": evals, "compare.matched_tokens_per_eval": per_eval})
         for target in targets:
-            curves = {}
+            curves, references, scatter = {}, {}, {}
             for name in searchers:
                 c = variants[(target, name)]
                 t0 = time.time()
@@ -77,11 +77,16 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
                              "evaluations": r.evaluations, "tokens_per_eval": tok, "wall_s": time.time() - t0,
                              "ppl_uniform": r.ppl_uniform, "ppl_dense": r.ppl_dense, "run_id": r.run_id})
                 if r.history:
-                    curves[name] = [(h["evaluations"], h["best_fitness"]) for h in r.history]
+                    c_, s_ = search_curves(name, r.history)
+                    curves.update(c_)
+                    scatter.update(s_)
+                else:  # one-shot baselines: their config on the monitor batch, a horizontal line
+                    references[f"{name}, monitor batch"] = r.kl_monitor_best
+                references.setdefault("uniform, monitor batch", r.kl_monitor_uniform)
                 parent.log_metrics({f"ppl_{name}_{target:g}": r.ppl_best, f"kl_{name}_{target:g}": r.kl_best})
                 log.info("%s", format_table(rows[-1:]))
             if curves:
-                parent.log_figure(fitness_curve(curves, f"fitness vs evaluations at {target:g}"),
+                parent.log_figure(fitness_curve(curves, references, scatter, f"KL vs evaluations at {target:g}"),
                                   f"fitness_curves_{target:g}.png")
         table = format_table(rows)
         parent.log_json(rows, "comparison.json")

@@ -48,6 +48,9 @@ class SearcherConfig:
     # each on the evolution's mean tokens per evaluation: search/registry.evaluation_budget)
     samples: int | None = None
     init: str = "uniform"  # uniform or a schedule name (owl, hessian, dp, ...)
+    # EvoPress: score the elite on one fixed batch (the last stage's size) every N generations, the
+    # curve that shows progress (`elite_kl_monitor`); 0: never
+    monitor_every: int = 5
     seed: int = 0
 
 
@@ -229,6 +232,9 @@ def validate(cfg: Config) -> Config:
     if cfg.searcher.samples is not None and cfg.searcher.samples < 1:
         raise RayPressError(f"searcher.samples must be >= 1 (candidate evaluations) or null for the evolution's "
                             f"budget, got {cfg.searcher.samples}")
+    if cfg.searcher.monitor_every < 0:
+        raise RayPressError(f"searcher.monitor_every must be >= 0 (generations between monitor scores; 0: never), "
+                            f"got {cfg.searcher.monitor_every}")
     for key, seed in (("searcher.seed", cfg.searcher.seed), ("data.seed", cfg.data.seed)):
         if not 0 <= seed < 2**32:
             raise RayPressError(f"{key} must be in [0, 2^32), got {seed}")

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import trial
 from .calibrate import StatsCache
 from .config import Config
 from .data import load_tokens, make_splits
@@ -52,6 +53,10 @@ class SearchResult:
     experiment_dir: str | None = None
     history: list = field(default_factory=list)
     note: str | None = None  # e.g. random weights: the quality numbers are meaningless
+    # KL on the monitor batch (searcher.stages' last size, trial.MONITOR_GENERATION): every searcher's
+    # final config and uniform on the same calibration tokens, the references of the fitness plots
+    kl_monitor_best: float | None = None
+    kl_monitor_uniform: float | None = None
 
     def summary(self) -> str:
         return (
@@ -186,6 +191,10 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         ppl_dense = ray.get(actor.perplexity.remote({}))
         ppl_uniform, kl_uniform = ray.get(actor.heldout.remote(uniform))
         ppl_best, kl_best = ray.get(actor.heldout.remote(best))
+        monitor = {"n_tokens": cfg.searcher.stages[-1][0], "seed": cfg.searcher.seed,
+                   "generation": trial.MONITOR_GENERATION, "stage": 0}
+        kl_mon_uniform, kl_mon_best = (r["fitness"] for r in ray.get(
+            [actor.score.remote(uniform, **monitor), actor.score.remote(best, **monitor)]))
         ray.kill(actor)
         result = SearchResult(
             run_name=run_name,
@@ -207,9 +216,22 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             experiment_dir=str(out_dir.resolve()),
             history=history,
             note=RANDOM_NOTE if is_random(cfg.model) else None,
+            kl_monitor_best=kl_mon_best,
+            kl_monitor_uniform=kl_mon_uniform,
         )
         _report(tracker, cfg, space, result, out_dir)
     return result
+
+
+def search_curves(name: str, history: list) -> tuple[dict, dict]:
+    """A searcher's history as (curves, scatter) for tracking.fitness_curve: an evolution's elite on the
+    fixed monitor batch (a line) over its noisy per-generation bests (faint points); the best-so-far
+    of searchers that score every candidate on the same tokens (random, Optuna)."""
+    monitored = [(h["evaluations"], h["elite_kl_monitor"]) for h in history if "elite_kl_monitor" in h]
+    if monitored:
+        return ({f"{name}: elite, monitor batch": monitored},
+                {f"{name}: generation best, fresh tokens": [(h["evaluations"], h["best_fitness"]) for h in history]})
+    return {f"{name}: best so far": [(h["evaluations"], h["best_fitness"]) for h in history]}, {}
 
 
 def _db_bytes(db) -> int | None:
@@ -226,6 +248,8 @@ def _report(tracker, cfg: Config, space, result: SearchResult, out_dir: Path) ->
         "ppl_best": result.ppl_best,
         "kl_heldout_uniform": result.kl_uniform,
         "kl_heldout_best": result.kl_best,
+        "kl_monitor_uniform": result.kl_monitor_uniform,
+        "kl_monitor_best": result.kl_monitor_best,
         "mean_value_best": result.mean_value,
         "search_seconds": result.search_s,
         "wall_seconds": result.wall_s,
@@ -245,6 +269,7 @@ def _report(tracker, cfg: Config, space, result: SearchResult, out_dir: Path) ->
     tracker.log_json(asdict(result) | {"best_config": None}, "summary.json")
     tracker.log_figure(level_heatmap(space, best, f"{result.run_name}: level values"), "level_heatmap.png")
     if result.history:
-        curve = [(h["evaluations"], h["best_fitness"]) for h in result.history]
-        tracker.log_figure(fitness_curve({cfg.searcher.name: curve}), "fitness_curve.png")
+        curves, scatter = search_curves(cfg.searcher.name, result.history)
+        tracker.log_figure(fitness_curve(curves, {"uniform, monitor batch": result.kl_monitor_uniform}, scatter,
+                                         f"{result.run_name}: KL vs evaluations"), "fitness_curve.png")
     atomic_write(out_dir / "result.json", asdict(result))

@@ -225,6 +225,9 @@ class Tracker:
             p = Path(d) / name
             fig.savefig(p, dpi=110, bbox_inches="tight")
             self.client.log_artifact(self.run_id, str(p))
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # pyplot keeps every figure it made until closed (a compare makes dozens)
 
     # -- lifecycle -------------------------------------------------------------------------
     def finish(self) -> None:
@@ -299,22 +302,32 @@ def level_heatmap(space, config: dict, title: str = ""):
     return fig
 
 
-def fitness_curve(curves: dict[str, list[tuple[float, float]]], title: str = "fitness vs evaluations"):
-    """curves: name -> [(evaluations, best fitness)]."""
+def fitness_curve(curves: dict, references: dict | None = None, scatter: dict | None = None,
+                  title: str = "fitness vs evaluations"):
+    """curves: name -> [(evaluations, KL)] drawn as lines; scatter: name -> points drawn faint (noisy
+    per-generation values); references: name -> KL drawn as horizontal dashed lines. Linear axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, pts in (scatter or {}).items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, s=10, alpha=0.35, label=name)
     for name, pts in curves.items():
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker=".", label=name)
+            ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    for i, (name, y) in enumerate((references or {}).items()):
+        if y is not None:
+            ax.axhline(y, linestyle="--", linewidth=1, color=f"C{(i + 5) % 10}", label=f"{name} ({y:.3g})")
     ax.set_xlabel("candidate evaluations")
-    ax.set_ylabel("KL(dense ‖ candidate)")
-    ax.set_yscale("log")
+    ax.set_ylabel("KL(dense ‖ candidate), nats/token")
+    ax.set_ylim(bottom=0)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
     return fig

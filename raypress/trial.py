@@ -25,6 +25,7 @@ GENERATION = "_rp_generation"
 STAGE = "_rp_stage"
 SEED = "_rp_seed"
 META_KEYS = (TOKENS, GENERATION, STAGE, SEED)
+MONITOR_GENERATION = 2**31 - 1  #: the generation key of EvoPress's fixed monitoring batch (never a real generation)
 BATCH = "_rp_batch"  #: several candidates in one trial
 RESULT_KEY = "raypress_error"  #: a trial result with this key is a user error: stop, do not retry
 METRIC = "fitness"  #: what every trial reports and every searcher minimizes

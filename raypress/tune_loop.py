@@ -39,9 +39,31 @@ def progress_line(h: dict, total_evals: int, generations: int | None, elapsed: f
              else f"eval {done}/{total_evals}")
     rate = done / max(elapsed, 1e-9)
     eta = (total_evals - done) / rate if rate > 0 and total_evals > done else 0.0
-    return (f"  {where}  best KL {h.get('best_fitness', float('nan')):.4f}  median "
-            f"{h.get('median_fitness', float('nan')):.4f}  {done}/{total_evals} evals  {rate:.2f} evals/s  "
+    monitor = f"  elite KL (monitor) {h['elite_kl_monitor']:.4f}" if "elite_kl_monitor" in h else ""
+    best = "gen best KL" if generations else "best KL so far"
+    return (f"  {where}{monitor}  {best} {h.get('best_fitness', float('nan')):.4f}"
+            f"  median {h.get('median_fitness', float('nan')):.4f}  {done}/{total_evals} evals  {rate:.2f} evals/s  "
             f"{int(h.get('tokens', 0)):,} tokens  {_clock(elapsed)} elapsed  ETA {_clock(eta)}")
+
+
+# What a history entry's numbers are, by the kind of searcher (the README's "Reading the curves"):
+# an evolution scores each generation on fresh tokens, so its generation best is noisy and only the
+# monitor scores (one fixed batch) compare over time; random and Optuna score every candidate on the
+# same tokens, so their best is a true best-so-far.
+METRIC_NAMES = {
+    True: {"best_fitness": "gen_best_kl", "median_fitness": "gen_median_kl",
+           "elite_kl_monitor": "elite_kl_monitor", "best_kl_monitor": "best_kl_monitor"},
+    False: {"best_fitness": "best_kl_so_far", "median_fitness": "recent_median_kl"},
+}
+
+
+def history_metrics(h: dict, generational: bool) -> dict:
+    """A history entry as the MLflow metrics the README explains."""
+    names = METRIC_NAMES[generational]
+    m = {names[k]: h[k] for k in names if k in h}
+    m.update({k: h[k] for k in ("evaluations", "tokens") if k in h})
+    m["evaluations_per_s"] = h.get("evaluations", 0) / max(h.get("wall_time", 0.0), 1e-9)
+    return m
 
 
 def generation_logger(searcher, tracker, t0: float, total_evals: int = 0, generations: int | None = None):
@@ -55,16 +77,18 @@ def generation_logger(searcher, tracker, t0: float, total_evals: int = 0, genera
 
     class GenerationLogger(tune.Callback):
         last = 0.0
+        references_logged = False
 
         def _flush(self, final: bool = False):
             if interrupt.pending() is not None:  # what ran after a stop request is not the searcher's history
                 return
+            monitor = getattr(searcher, "monitor", None)
+            if monitor and not self.references_logged:  # the plot's reference lines, on the monitor batch
+                tracker.log_metrics({f"{k}_kl_monitor": v for k, v in monitor.items()}, step=0)
+                self.references_logged = True
             new = searcher.pop_new_history()
             for i, h in enumerate(new):
-                wall = max(time.time() - t0, 1e-9)
-                m = {k: h[k] for k in ("best_fitness", "median_fitness", "evaluations", "tokens") if k in h}
-                m["evaluations_per_s"] = h.get("evaluations", 0) / max(h.get("wall_time", wall), 1e-9)
-                tracker.log_metrics(m, step=int(h.get("generation", 0)))
+                tracker.log_metrics(history_metrics(h, bool(generations)), step=int(h.get("generation", 0)))
                 now = time.time()
                 if generations or now - self.last >= PROGRESS_EVERY_S or (final and i == len(new) - 1):
                     log.info(progress_line(h, total_evals, generations, now - t0))

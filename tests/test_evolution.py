@@ -283,3 +283,39 @@ def test_random_searcher_protocol_and_restore(tmp_path):
     assert first + rest == ref_sug
     assert r.best_config == ref.best_config and r.best_fitness == ref.best_fitness
     _cmp_history(r.history, ref.history, ignore=("wall_time", "failures"))
+
+
+# ----------------------------------------------------------------------------- monitoring
+def test_monitor_scores_the_elite_on_one_fixed_batch():
+    s = evo(monitor_every=2, generations=5)
+    sug = [c for _, c in drive(s, batch=3)]
+    mon = [c for c in sug if c["_rp_generation"] == 2**31 - 1]
+    # the start config (uniform) first, then the elite after generations 2, 4 and the last (5)
+    assert len(mon) == 1 + 3 and all(c["_rp_tokens"] == 256 and c["_rp_stage"] == 0 for c in mon)
+    assert strip(mon[0]) == SPACE.uniform() and strip(mon[-1]) == s.best_config
+    assert s.monitor["start"] == s.monitor["uniform"] == pytest.approx(noisy_fitness(mon[0]))
+    monitored = [h for h in s.history if "elite_kl_monitor" in h]
+    assert [h["generation"] for h in monitored] == [1, 3, 4]
+    assert [h["generation"] for h in s.history] == list(range(5))  # one entry per generation, in order
+    # the monitor batch is the same for every score: the curve is comparable over time
+    assert monitored[-1]["elite_kl_monitor"] == pytest.approx(noisy_fitness(mon[-1]))
+    assert monitored[-1]["best_kl_monitor"] == min(h["elite_kl_monitor"] for h in monitored)
+    # monitor scores are bookkeeping, not selection: the evolution's evaluation count is unchanged
+    plain = evo(generations=5)
+    drive(plain, batch=3)
+    assert s.evaluations == plain.evaluations and s.monitor_evaluations == 4
+    assert s.best_config == plain.best_config
+
+
+def test_monitor_with_a_warm_start_scores_uniform_too(tmp_path):
+    start = SPACE.mutate(SPACE.uniform(), np.random.default_rng(2), n_switches=3)
+    s = evo(monitor_every=3, generations=3, initial=start)
+    first = [c for _, c in drive(s, batch=1, stop_after=2)]
+    assert [strip(c) for c in first] == [start, SPACE.uniform()]
+    s.save(tmp_path / "st.json")  # a restore in the middle of monitoring continues it
+    r = evo(monitor_every=3, generations=3, initial=start)
+    r.restore(tmp_path / "st.json")
+    drive(r, batch=1)
+    assert r.monitor["start"] == pytest.approx(noisy_fitness(first[0]))
+    assert r.monitor["uniform"] == pytest.approx(noisy_fitness(first[1])) != r.monitor["start"]
+    assert [h["generation"] for h in r.history if "elite_kl_monitor" in h] == [2]

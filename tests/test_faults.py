@@ -217,7 +217,7 @@ def test_killed_driver_resumes_to_the_same_best_config(fault_root, reference, wi
     run = client.get_run(st["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["raypress.resumes"] == "1" and "raypress.error" not in run.data.tags
-    steps = {m.step for m in client.get_metric_history(st["run_id"], "best_fitness")}
+    steps = {m.step for m in client.get_metric_history(st["run_id"], "gen_best_kl")}
     assert steps == set(range(GENERATIONS))
     print(f"\ndriver kill: SIGKILL after {gens_done} generation(s) / {evals_done} evaluations "
           f"({t1 - t0:.1f}s incl. the kill); resume {resume_s:.1f}s; best fitness {res['best_fitness']:.6g} "

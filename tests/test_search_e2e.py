@@ -29,8 +29,11 @@ def test_search_end_to_end_logs_complete_mlflow_run(tmp_path, ray_session, mlflo
     assert run.info.run_name == "llama-sparsity-sparsegpt-0.5-evopress"
     p = run.data.params
     assert p["target"] == "0.5" and p["searcher.name"] == "evopress" and p["method"] == "sparsegpt"
-    best = c.get_metric_history(r.run_id, "best_fitness")
+    best = c.get_metric_history(r.run_id, "gen_best_kl")
     assert [m.step for m in best] == [0, 1, 2]
+    # the monitor: references before generation 0, the elite after the last generation (monitor_every 5)
+    assert [m.step for m in c.get_metric_history(r.run_id, "elite_kl_monitor")] == [2]
+    assert [m.step for m in c.get_metric_history(r.run_id, "uniform_kl_monitor")] == [0]
     assert {"evaluations_per_s", "ppl_uniform", "ppl_best", "ppl_dense"} <= set(run.data.metrics)
     arts = {a.path for a in c.list_artifacts(r.run_id)}
     assert {"best_config.json", "level_heatmap.png", "fitness_curve.png", "history.json"} <= arts

@@ -25,6 +25,7 @@ import math
 import numpy as np
 from ray.tune.search import Searcher
 
+from .. import trial
 from ..errors import RayPressError
 from .base import RayPressSearcher, _num
 
@@ -47,11 +48,13 @@ class EvoPressSearcher(RayPressSearcher):
     def __init__(self, space, *, generations: int = 20, offspring: int = 16,
                  stages=((512, 4), (2048, 1)), max_mutations: int = 3, seed: int = 0,
                  initial: dict | None = None, metric: str = "fitness", mode: str = "min",
-                 max_step: int = 4, three_way: float = 0.0, max_retries: int = 3):
+                 max_step: int = 4, three_way: float = 0.0, max_retries: int = 3, monitor_every: int = 0):
         if int(generations) < 1 or int(offspring) < 1:
             raise RayPressError("generations and offspring must be >= 1 (e.g. generations=20, offspring=16)")
         if int(max_mutations) < 1:
             raise RayPressError("max_mutations must be >= 1 (level switches per offspring)")
+        if int(monitor_every) < 0:
+            raise RayPressError(f"searcher.monitor_every must be >= 0 (0: no monitoring), got {monitor_every}")
         super().__init__(space, seed=seed, metric=metric, mode=mode, max_retries=max_retries)
         self.generations = int(generations)
         self.offspring = int(offspring)
@@ -73,7 +76,20 @@ class EvoPressSearcher(RayPressSearcher):
         self.generation = 0
         self.stage = 0
         self._stage0: list[float] = []
-        self._start_generation()
+        # Monitoring: every stage scores on fresh tokens, so a generation's best is noisy and its curve
+        # goes up and down. Every `monitor_every` generations the elite is also scored on one fixed
+        # batch (the last stage's size, trial.MONITOR_GENERATION): that curve is comparable over time.
+        # The start config and the uniform one are scored on it first (the plot's reference lines).
+        # Monitor evaluations are not part of the selection budget (`evaluations`).
+        self.monitor_every = int(monitor_every)
+        self.monitor: dict[str, float] = {}  # "start" / "uniform": their KL on the monitor batch
+        self.monitor_evaluations = 0
+        self._pending: dict | None = None  # a finished generation's history entry waiting for its monitor KL
+        if self.monitor_every:
+            uniform = space.config_to_array(space.uniform())
+            self._set_monitor([parent] + ([uniform] if not np.array_equal(uniform, parent) else []))
+        else:
+            self._start_generation()
 
     # ------------------------------------------------------------------ generation bookkeeping
     def _start_generation(self) -> None:
@@ -115,8 +131,16 @@ class EvoPressSearcher(RayPressSearcher):
         self.queue.reset(range(len(cands)))
 
     @property
+    def monitoring(self) -> bool:
+        return self.stage == len(self.stages)
+
+    def _set_monitor(self, cands: list[np.ndarray]) -> None:
+        self.stage = len(self.stages)
+        self._set_candidates(cands)
+
+    @property
     def stage_tokens(self) -> int:
-        return self.stages[self.stage][0]
+        return self.stages[min(self.stage, len(self.stages) - 1)][0]  # monitoring: the last stage's size
 
     def candidates(self) -> list[dict]:
         """The current stage's candidates (stage 0: parent first, then the offspring)."""
@@ -130,6 +154,8 @@ class EvoPressSearcher(RayPressSearcher):
         idx = self.queue.hand_out(trial_id)
         if idx is None:
             return None  # waiting for this stage's results
+        if self.monitoring:
+            return self._trial_config(self.cands[idx], self.stage_tokens, trial.MONITOR_GENERATION, 0)
         return self._trial_config(self.cands[idx], self.stage_tokens, self.generation, self.stage)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
@@ -144,6 +170,8 @@ class EvoPressSearcher(RayPressSearcher):
             log.warning("generation %d stage %d: candidate %d failed %d times; scoring it as worst",
                         self.generation, self.stage, idx, self.queue.retries[idx])
             f = math.inf * self.sign
+        elif self.monitoring:
+            self.monitor_evaluations += 1
         else:
             self.evaluations += 1
             self.tokens += self._result_tokens(result, self.stage_tokens)
@@ -152,6 +180,9 @@ class EvoPressSearcher(RayPressSearcher):
 
     def _maybe_advance(self) -> None:
         if not self.queue.idle:
+            return
+        if self.monitoring:
+            self._monitored()
             return
         order = np.argsort([self._key(f) for f in self.fit], kind="stable")  # ties: earlier candidate wins
         if self.stage == 0:
@@ -167,16 +198,38 @@ class EvoPressSearcher(RayPressSearcher):
         self.parent_fitness = float(self.fit[w])
         self.best_config = self.space.array_to_config(self.parent)
         self.best_fitness = self.parent_fitness
-        self.history.append({
+        entry = {
             "generation": self.generation,
-            "best_fitness": self.best_fitness,
+            "best_fitness": self.best_fitness,  # on this generation's last-stage tokens: noisy
             "median_fitness": float(np.median(self._stage0)),
             "evaluations": self.evaluations,
             "tokens": self.tokens,
             "wall_time": self.wall_time(),
             "failures": self.failures,
-        })
+        }
         self.generation += 1
+        if self.monitor_every and (self.generation % self.monitor_every == 0 or self.generation >= self.generations):
+            self._pending = entry
+            self._set_monitor([self.parent])
+            return
+        self.history.append(entry)
+        self._next_generation()
+
+    def _monitored(self) -> None:
+        """The monitor batch's scores are in: the start references, or the elite's after a generation."""
+        f = [float(x) for x in self.fit]
+        if self._pending is None:  # before generation 0: the start config, then uniform when it differs
+            self.monitor = {"start": f[0], "uniform": f[1] if len(f) > 1 else f[0]}
+            self.stage = 0
+            self._start_generation()
+            return
+        best = min([h["elite_kl_monitor"] for h in self.history if "elite_kl_monitor" in h] + [f[0]], key=self._key)
+        self.history.append({**self._pending, "elite_kl_monitor": f[0], "best_kl_monitor": best,
+                             "wall_time": self.wall_time(), "monitor_evaluations": self.monitor_evaluations})
+        self._pending = None
+        self._next_generation()
+
+    def _next_generation(self) -> None:
         self.stage = 0
         if self.generation >= self.generations:
             self.finished = True
@@ -190,7 +243,8 @@ class EvoPressSearcher(RayPressSearcher):
         s.update({
             "settings": {"generations": self.generations, "offspring": self.offspring,
                          "stages": [list(x) for x in self.stages], "max_mutations": self.max_mutations,
-                         "max_step": self.max_step, "three_way": self.three_way},
+                         "max_step": self.max_step, "three_way": self.three_way,
+                         "monitor_every": self.monitor_every},
             "generation": self.generation,
             "stage": self.stage,
             "parent": self.parent.tolist(),
@@ -198,6 +252,9 @@ class EvoPressSearcher(RayPressSearcher):
             "candidates": [c.tolist() for c in self.cands],
             "fitness": [_num(f) for f in self.fit],
             "stage0": list(self._stage0),
+            "monitor": dict(self.monitor),
+            "monitor_evaluations": self.monitor_evaluations,
+            "monitor_pending": self._pending,
         })
         return s
 
@@ -217,6 +274,10 @@ class EvoPressSearcher(RayPressSearcher):
         self.cands = [np.asarray(c, dtype=np.int64) for c in state["candidates"]]
         self.fit = [None if f is None else float(f) for f in state["fitness"]]
         self._stage0 = [float(f) for f in state.get("stage0", [])]
+        self.monitor_every = int(st.get("monitor_every", 0))
+        self.monitor = {k: float(v) for k, v in state.get("monitor", {}).items()}
+        self.monitor_evaluations = int(state.get("monitor_evaluations", 0))
+        self._pending = state.get("monitor_pending")
 
 
 def build(name, cfg, space, initial=None, state=None) -> EvoPressSearcher:
@@ -224,7 +285,7 @@ def build(name, cfg, space, initial=None, state=None) -> EvoPressSearcher:
     s = cfg.searcher
     searcher = EvoPressSearcher(space, generations=s.generations, offspring=s.offspring,
                                 stages=[tuple(x) for x in s.stages], max_mutations=s.max_mutations, seed=s.seed,
-                                initial=initial, three_way=s.three_way)
+                                initial=initial, three_way=s.three_way, monitor_every=s.monitor_every)
     if state is not None:
         searcher.set_state(state)
     return searcher
