@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import steps
 
 from .data import calib_hash
 from .errors import RayPressError
@@ -218,7 +218,7 @@ def iter_block_stats(model, adapter, calib: np.ndarray, want: Sequence[str] = ("
         hs = [h.to(device) for h, _ in states]
         kws = [_to(kw, device) for _, kw in states]
         del states
-    bar = tqdm(total=last + 1, desc="calibration", unit="block", disable=not progress)
+    bar = steps(last + 1, "calibration", "block", enabled=progress)
     try:
         for i in range(last + 1):
             with block_turn(model, i):  # streamed models: one block materialized at a time

@@ -152,7 +152,7 @@ def cmd_eval(args) -> int:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from .tracking import tracking_uri
+    from .tracking import compare_view_url, tracking_uri
 
     import socket
     from pathlib import Path
@@ -170,10 +170,24 @@ def cmd_ui(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"raypress: warning: the MLflow UI on {args.host} is reachable from the network and has no "
               "authentication", file=sys.stderr)
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    base = f"http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port}"
+    print(f"MLflow UI for {uri} on {base}  (Ctrl-C to stop)")
+    for name, exp_id in _experiments(uri):  # the runs table with RayPress's columns, one link per experiment
+        print(f"  {name}: {compare_view_url(base, exp_id)}")
+    sys.stdout.flush()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
     return subprocess.call(cmd)
+
+
+def _experiments(uri: str) -> list[tuple[str, str]]:
+    """(name, id) of the store's experiments that hold RayPress runs."""
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import VIEW_KEY
+
+    return [(e.name, e.experiment_id) for e in MlflowClient(uri).search_experiments()
+            if f"mlflow.sharedViewState.{VIEW_KEY}" in e.tags]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
     stats = StatsCache()
     model = cfg.model.rstrip("/").split("/")[-1]
     parent = Tracker(cfg.tracking.uri, cfg.tracking.experiment,
-                     f"compare-{model}-{cfg.family}-{cfg.method}-{'/'.join(f'{t:g}' for t in targets)}")
+                     f"compare {'/'.join(f'{t:g}' for t in targets)} {','.join(searchers)} {model} {cfg.method}")
     rows: list[dict] = []
     with tracked(parent):
         parent.log_params({**cfg.flat(), "compare.searchers": ",".join(searchers),

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import steps
 
 from . import store
 from .data import calib_hash
@@ -282,7 +282,7 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
     t_calib = 0.0
     threads_ctx = torch_threads(threads)
     threads_ctx.__enter__()
-    bar = tqdm(total=len(all_layers), desc=f"{method.name} database", unit="layer", disable=not progress)
+    bar = steps(len(all_layers), f"{method.name} database", "layer", enabled=progress)
     infos: list[dict] = []
     try:
         if want:

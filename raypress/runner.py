@@ -10,6 +10,7 @@ evaluator actor; everything is logged to MLflow and the run folder.
 from __future__ import annotations
 
 import copy
+import re
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -66,9 +67,18 @@ class SearchResult:
         )
 
 
+def model_label(cfg: Config) -> str:
+    return Path(cfg.model).name if "/" in cfg.model else cfg.model
+
+
 def default_run_name(cfg: Config) -> str:
-    model = Path(cfg.model).name if "/" in cfg.model else cfg.model
-    return f"{model}-{cfg.family}-{cfg.method}-{cfg.target:g}-{cfg.searcher.name}"
+    """What differs between the runs of a table first: target, searcher, then model and method."""
+    return f"{cfg.target:g} {cfg.searcher.name} {model_label(cfg)} {cfg.method}"
+
+
+def run_folder_name(run_name: str) -> str:
+    """A run name as a folder name (no spaces, slashes or colons)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", run_name).strip("-") or "run"
 
 
 def preflight(cfg: Config, adapter):
@@ -106,7 +116,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         run_name = state["run_name"]
     else:
         run_name = cfg.tracking.run_name or default_run_name(cfg)
-        out_dir = Path(cfg.output) / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = Path(cfg.output) / f"{run_folder_name(run_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     state_file = out_dir / STATE_FILE
     info = registry.get_searcher(cfg.searcher.name)
 
@@ -134,6 +144,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
                  run_name, out_dir, out_dir)
         if not resume:
             tracker.log_params(cfg.flat())
+            tracker.set_tags({"raypress.searcher": cfg.searcher.name, "raypress.family": cfg.family,
+                              "raypress.method": cfg.method, "raypress.model": model_label(cfg)})
             if is_random(cfg.model):
                 tracker.set_tags({"raypress.random_weights": RANDOM_NOTE})
         tracker.set_tags({"raypress.output_dir": str(out_dir.resolve())})  # a moved folder owns its run
@@ -229,6 +241,8 @@ def search_curves(name: str, history: list) -> tuple[dict, dict]:
     of searchers that score every candidate on the same tokens (random, Optuna)."""
     monitored = [(h["evaluations"], h["elite_kl_monitor"]) for h in history if "elite_kl_monitor" in h]
     if monitored:
+        start = next((h.get("start_kl_monitor") for h in history if h.get("start_kl_monitor") is not None), None)
+        monitored = ([(0, start)] if start is not None else []) + monitored
         return ({f"{name}: elite, monitor batch": monitored},
                 {f"{name}: generation best, fresh tokens": [(h["evaluations"], h["best_fitness"]) for h in history]})
     return {f"{name}: best so far": [(h["evaluations"], h["best_fitness"]) for h in history]}, {}
@@ -255,6 +269,7 @@ def _report(tracker, cfg: Config, space, result: SearchResult, out_dir: Path) ->
         "wall_seconds": result.wall_s,
         "db_build_seconds": result.db_build_s,
         "evaluations_total": result.evaluations,
+        "target": cfg.target,
     })
     desc = space.describe(best)
     tracker.log_json({

@@ -75,6 +75,22 @@ def _check_writable(uri: str) -> None:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 DRIVER_TAG = "raypress.driver"  # host:pid:start-time of the process that drives the run
 
+# The runs table RayPress opens (`raypress ui` prints its URL): MLflow's shared view state, an
+# experiment tag "mlflow.sharedViewState.<key>" holding the table's columns and sort order as JSON,
+# opened by ?viewStateShareKey=<key>. The columns are what every run has (runner._report, run tags).
+VIEW_KEY = "raypress"
+VIEW_COLUMNS = ["metrics.`ppl_best`", "metrics.`ppl_uniform`", "metrics.`ppl_dense`", "metrics.`target`",
+                "metrics.`evaluations_total`", "metrics.`wall_seconds`", "metrics.`kl_heldout_best`",
+                "tags.`raypress.searcher`", "tags.`raypress.family`", "tags.`raypress.method`",
+                "tags.`raypress.model`"]
+VIEW_STATE = {"orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": VIEW_COLUMNS,
+              "runListHidden": False, "viewMaximized": False}
+
+
+def compare_view_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table with RayPress's columns (an MLflow UI at `base`)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+
 
 def driver_id(pid: int | None = None) -> str:
     """host:pid:start-time of a process (start time guards against a reused pid)."""
@@ -148,6 +164,9 @@ class Tracker:
                 experiment, artifact_location=artifact_location(self.uri, experiment))
             if not exp or EXPERIMENT_KIND[0] not in exp.tags:  # the UI opens on the runs table, not GenAI traces
                 self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+            view = json.dumps(VIEW_STATE)
+            if not exp or exp.tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") != view:
+                self.client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", view)
             reap_dead_runs(self.client, exp_id)
             tags = {"mlflow.runName": run_name, DRIVER_TAG: driver_id()}
             if parent_run_id:

@@ -93,7 +93,7 @@ def test_ray_job_submit_prune_opt66b_small_override(head, tmp_path, wikitext_pat
     c = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     exp = c.get_experiment_by_name("raypress-opt66b")
     runs = c.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.info.run_name.startswith("compare-")]
+    parents = [r for r in runs if r.info.run_name.startswith("compare ")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     names = sorted(r.info.run_name.rsplit("-", 1)[-1] for r in children)

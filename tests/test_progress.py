@@ -30,3 +30,28 @@ def test_search_prints_a_line_per_generation(tmp_path, ray_session, mlflow_uri, 
     lines = [r.getMessage() for r in caplog.records if r.name == "raypress.progress"]
     assert [l.split()[1] for l in lines] == ["1/3", "2/3", "3/3"], lines
     assert lines[-1].rstrip().endswith("ETA 0m00s")
+
+
+def test_long_steps_log_periodic_lines_off_a_terminal(caplog, monkeypatch):
+    """Off a TTY a database build or calibration logs short lines, not a carriage-return tqdm bar."""
+    import time
+
+    from raypress import progress
+
+    clock = iter(range(0, 1000, 7))  # each monotonic() call advances 7 s
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
+    with caplog.at_level(logging.INFO, logger="raypress.progress"):
+        bar = progress.steps(20, "sparsegpt database", "layer", every_s=30)
+        for _ in range(20):
+            bar.update(1)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert 3 <= len(lines) <= 6 and all("\r" not in l and len(l) < 120 for l in lines), lines
+    assert lines[0].startswith("  sparsegpt database: 5/20 layers") and "ETA" in lines[0]
+    assert lines[-1].startswith("  sparsegpt database: 20/20 layers") and "ETA" not in lines[-1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raypress.progress"):  # --quiet
+        bar = progress.steps(20, "calibration", "block")
+        bar.update(20)
+        bar.close()
+    assert not caplog.records

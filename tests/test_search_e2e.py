@@ -1,4 +1,6 @@
 """End to end on real parts: tiny Llama, SparseGPT database, Ray Tune + EvoPress, MLflow store."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -26,7 +28,10 @@ def test_search_end_to_end_logs_complete_mlflow_run(tmp_path, ray_session, mlflo
     c = MlflowClient(mlflow_uri)
     run = c.get_run(r.run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "llama-sparsity-sparsegpt-0.5-evopress"
+    assert run.info.run_name == "0.5 evopress llama sparsegpt"  # what differs between runs first
+    assert Path(r.experiment_dir).name.startswith("0.5-evopress-llama-sparsegpt-")
+    assert {run.data.tags[f"raypress.{k}"] for k in ("searcher", "family", "method")} == {"evopress", "sparsity", "sparsegpt"}
+    assert run.data.metrics["target"] == 0.5
     p = run.data.params
     assert p["target"] == "0.5" and p["searcher.name"] == "evopress" and p["method"] == "sparsegpt"
     best = c.get_metric_history(r.run_id, "gen_best_kl")
@@ -58,7 +63,7 @@ def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, r
     assert rows[0]["evaluations"] == rows[1]["evaluations"] == evals
     c = MlflowClient(mlflow_uri)
     runs = c.search_runs([c.get_experiment_by_name("raypress").experiment_id])
-    parents = [r for r in runs if r.info.run_name.startswith("compare-")]
+    parents = [r for r in runs if r.info.run_name.startswith("compare ")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)

@@ -6,6 +6,7 @@ RAYPRESS_SAVE_SCREENSHOTS=1 also copies the two screenshots to docs/img/ (used b
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -64,13 +65,15 @@ def ui(tmp_path_factory, ray_session, wikitext_path):
 
     tmp = tmp_path_factory.mktemp("ui")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = load_config(None, [
+    cfg_args = [
         f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=32",
         "data.n_eval=8", "searcher.generations=4", "searcher.offspring=4", "searcher.stages=[[128, 2], [256, 1]]",
-        "target=0.5", f"database.cache_dir={tmp / 'db'}", f"output={tmp / 'runs'}", f"tracking.uri={uri}",
-        "tracking.experiment=raypress-ui-test",
-    ])
+        "searcher.monitor_every=2", "target=0.5", f"database.cache_dir={tmp / 'db'}", f"output={tmp / 'runs'}",
+        f"tracking.uri={uri}", "tracking.experiment=raypress-ui-test",
+    ]
+    cfg = load_config(None, cfg_args)
     r = run_search(cfg)
+    run_search(load_config(None, [*cfg_args, "searcher.name=uniform"]))  # a second row for the table
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(tmp / "ui.log", "w")
@@ -88,7 +91,8 @@ def ui(tmp_path_factory, ray_session, wikitext_path):
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"`raypress ui` did not come up: {(tmp / 'ui.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield {"base": base, "port": port, "run": r, "proc": proc, "tmp": tmp}
+        printed = (tmp / "ui.log").read_text()
+        yield {"base": base, "port": port, "run": r, "proc": proc, "tmp": tmp, "printed": printed}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -102,9 +106,19 @@ def _screenshot(chromium: str, url: str, out: Path, profile: Path) -> None:
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--screenshot={out}",
-           "--window-size=1400,900", "--virtual-time-budget=10000", "--hide-scrollbars", url]
+           "--window-size=1800,950", "--virtual-time-budget=10000", "--hide-scrollbars", url]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, start_new_session=True)
     assert out.is_file(), f"no screenshot of {url}: rc {p.returncode}\n{p.stderr[-2000:]}"
+
+
+def _dump_dom(chromium: str, url: str, profile: Path) -> str:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=3000,900",
+           "--virtual-time-budget=10000", "--dump-dom", url]  # wide: the grid renders only the visible columns
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, start_new_session=True)
+    assert "<html" in p.stdout.lower(), f"no DOM from {url}: rc {p.returncode}\n{p.stderr[-2000:]}"
+    return p.stdout
 
 
 def _check_not_blank(png: Path) -> dict:
@@ -115,7 +129,7 @@ def _check_not_blank(png: Path) -> dict:
     q = (img * 31).round().astype(np.uint8).reshape(-1, 3)  # 5-bit colors: antialiasing noise folded
     colors = len(np.unique(q, axis=0))
     bg = np.bincount(np.ravel_multi_index(q.T, (32, 32, 32))).max() / len(q)
-    assert img.shape[:2] == (900, 1400)
+    assert img.shape[:2] == (950, 1800)
     assert colors > 40, f"{png}: only {colors} colors (blank page?)"
     assert bg < 0.97, f"{png}: {bg:.1%} of the pixels have the background color"
     return {"colors": colors, "background": bg, "bytes": png.stat().st_size}
@@ -140,8 +154,15 @@ def test_experiment_and_artifact_pages_in_headless_chromium(ui, chromium, tmp_pa
     r = ui["run"]
     exp = MlflowClient(r.tracking_uri).get_run(r.run_id).info.experiment_id
     ml = "?workflowType=machine_learning"  # MLflow 3 opens on its GenAI (traces) view otherwise
+    # `raypress ui` prints the runs table with RayPress's columns, one line per experiment
+    table = re.search(r"raypress-ui-test: (http://\S+)", ui["printed"]).group(1)
+    assert f"/#/experiments/{exp}/runs?viewStateShareKey=" in table
+    dom = _dump_dom(chromium, table.replace("localhost", "127.0.0.1"), tmp_path / "profile-dom")
+    for column in ("ppl_best", "ppl_uniform", "ppl_dense", "target", "evaluations_total", "wall_seconds"):
+        assert f'col-id="metrics.`{column}`"' in dom, f"the runs table lacks the {column} column"
+    assert "0.5 evopress llama sparsegpt" in dom and "0.5 uniform llama sparsegpt" in dom
     pages = {
-        "mlflow_experiment.png": f"{ui['base']}/#/experiments/{exp}/runs{ml}",
+        "mlflow_experiment.png": table.replace("localhost", "127.0.0.1"),
         "mlflow_fitness_curve.png":
             f"{ui['base']}/#/experiments/{exp}/runs/{r.run_id}/artifactPath/fitness_curve.png{ml}",
     }

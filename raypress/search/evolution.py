@@ -225,6 +225,7 @@ class EvoPressSearcher(RayPressSearcher):
             return
         best = min([h["elite_kl_monitor"] for h in self.history if "elite_kl_monitor" in h] + [f[0]], key=self._key)
         self.history.append({**self._pending, "elite_kl_monitor": f[0], "best_kl_monitor": best,
+                             "start_kl_monitor": self.monitor.get("start"),
                              "wall_time": self.wall_time(), "monitor_evaluations": self.monitor_evaluations})
         self._pending = None
         self._next_generation()

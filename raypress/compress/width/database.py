@@ -15,6 +15,7 @@ import torch
 from raypress import reform as rf
 from raypress import store
 from raypress.errors import RayPressError
+from raypress.progress import steps
 
 from .importance import _head_cols, _kept_heads, width_importance
 from .levels import BlockGeometry, UnitLadder, WidthLevels, _attn_mlp, _geometries, _layout, width_levels
@@ -57,15 +58,9 @@ def build_width_database(model, adapter, hessians: dict, levels: WidthLevels | N
     db = {"format": FORMAT, "attn_mode": lv.attn_mode, "settings": dict(lv.settings), "reform": reform,
           "resolution": lv.resolution, "percdamp": percdamp, "storage_dtype": storage_dtype,
           "geometry": [g.__dict__.copy() for g in geoms], "units": {}}
-    it = lv.units
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            it = tqdm(lv.units, desc="width database", unit="unit")
-        except ImportError:
-            pass
-    for u in it:
+    bar = steps(len(lv.units), "width database", "unit", enabled=progress)
+    for u in lv.units:
+        bar.update(1)
         g = geoms[u.block]
         blk = lay.blocks[u.block]
         attn, mlp = _attn_mlp(blk, lay)
@@ -105,6 +100,7 @@ def build_width_database(model, adapter, hessians: dict, levels: WidthLevels | N
         if u.kind == "attn":
             rec["mode"] = mode
         db["units"][u.name] = rec
+    bar.close()
     return db
 
 
