@@ -192,7 +192,7 @@ def run_tune(ray, spec, space, args, stages, k, gpu_frac, batched: bool, storage
     try:
         s = make_searcher(space, args, stages)
         t0 = time.time()
-        tune_loop.run_tune(cfg, get_searcher("evopress"), spec, s, space, [StoreProbe()], storage,
+        tune_loop.run_tune(cfg, get_searcher("evopress"), spec, s, space, [StoreProbe()],
                            f"bench-{k}-{int(batched)}-{int(t0)}")
     finally:
         tune_loop.resources = saved

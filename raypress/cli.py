@@ -134,7 +134,9 @@ def cmd_export(args) -> int:
         print(f"{args.format}: {sizes['bytes'] / 2**20:.2f} MiB of safetensors (packed arithmetic: quantized layers "
               f"{q / 2**20:.2f} MiB + dense tensors {d / 2**20:.2f} MiB = {(q + d) / 2**20:.2f} MiB); layers per "
               f"bitwidth {sizes['groups']}")
-    print(f"exported to {out} (load with raypress.rundir.load_any or `raypress eval {out}`)")
+    total = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    print(f"exported to {out}: {total / 2**20:.1f} MiB of safetensors (load with raypress.rundir.load_any or "
+          f"`raypress eval {out}`)")
     return 0
 
 

@@ -118,16 +118,20 @@ def base_info(space, cfg: dict, family: str, source: str, method_params=None) ->
 
 
 def write_export(model, out_dir, *, tokenizer=None, info: dict | None = None, files: dict[str, str] | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Save `model` (+ tokenizer, + raypress.json from `info`, + extra text `files`) as `out_dir`,
     atomically: written to a temporary sibling, then renamed into place (an existing folder is
-    swapped out first and deleted after, with overwrite=True)."""
+    swapped out first and deleted after, with overwrite=True). `dtype`: the weights' dtype on disk
+    (the source checkpoint's, models.checkpoint_dtype; the search works in float32, which would
+    double a bf16 model's size); files get the usual umask permissions."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise RayPressError(f"export folder {out_dir} already exists; choose another --out or pass overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        if dtype is not None:
+            model.to(dtype)  # in place: the caller's model is done with (exports load their own copy)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -135,10 +139,20 @@ def write_export(model, out_dir, *, tokenizer=None, info: dict | None = None, fi
             (tmp / INFO_FILE).write_text(json.dumps(_jsonable(info), indent=2) + "\n")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
+        usual_permissions(tmp)
         publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def usual_permissions(folder: Path) -> None:
+    """Files 0666 and folders 0777 minus the umask, as `cp` would make them (temporary folders and
+    some writers make them 0600 / 0700, unreadable by the user's group)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def publish(tmp: Path, out_dir: Path) -> None:

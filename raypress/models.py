@@ -480,6 +480,23 @@ def model_config(spec: str):
                             f"({_first_line(e)}); use a decoder-only model such as smollm2-135m") from None
 
 
+def checkpoint_dtype(spec: str) -> torch.dtype:
+    """The dtype a model's weights are stored in (config.json `dtype` / `torch_dtype`; float32 when it
+    says nothing): what exports are written in. A folder converted from a GGUF (the bundled SmolLM2)
+    was written in float32 by the conversion; its weights are 4- to 8-bit GGUF blocks, which a
+    16-bit float holds to far below their own rounding, so its exports are bfloat16 (the dtype
+    SmolLM2 and the other GGUF-distributed models were trained and released in)."""
+    cfg = model_config(spec)
+    name = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    dt = name if isinstance(name, torch.dtype) else (
+        getattr(torch, str(name).replace("torch.", ""), torch.float32) if name else torch.float32)
+    if dt == torch.float32 and not is_random(spec):
+        with contextlib.suppress(RayPressError):
+            if (Path(resolve_model(spec)) / _SOURCE_FILE).is_file():
+                return torch.bfloat16
+    return dt
+
+
 def meta_model(spec: str):
     """The model of a spec on the meta device: every module and shape, no weights, no memory."""
     from transformers import AutoModelForCausalLM

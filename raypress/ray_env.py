@@ -47,7 +47,9 @@ def ensure_ray(address: str | None = None):
         if address:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
-            # embedded default: a local Ray, dashboard bound to localhost only
+            # embedded default: a local Ray, dashboard bound to localhost only. Ray turns token auth on
+            # for it (the safe default, kept) and warns about that on every start: not news to a user
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # address="local": always a fresh Ray. A bare ray.init() would instead join the cluster named
             # in /tmp/ray/ray_current_cluster, which a killed driver leaves behind (then hangs minutes)
             ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", logging_level=logging.WARNING,

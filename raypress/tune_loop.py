@@ -40,9 +40,11 @@ def progress_line(h: dict, total_evals: int, generations: int | None, elapsed: f
     rate = done / max(elapsed, 1e-9)
     eta = (total_evals - done) / rate if rate > 0 and total_evals > done else 0.0
     monitor = f"  elite KL (monitor) {h['elite_kl_monitor']:.4f}" if "elite_kl_monitor" in h else ""
-    best = "gen best KL" if generations else "best KL so far"
+    # an evolution's best is its last stage's winner, its median the first stage's offspring (fewer,
+    # other tokens: the two are not comparable); random / Optuna: best so far, median of the last few
+    best, median = ("gen best KL", "offspring median") if generations else ("best KL so far", "median")
     return (f"  {where}{monitor}  {best} {h.get('best_fitness', float('nan')):.4f}"
-            f"  median {h.get('median_fitness', float('nan')):.4f}  {done}/{total_evals} evals  {rate:.2f} evals/s  "
+            f"  {median} {h.get('median_fitness', float('nan')):.4f}  {done}/{total_evals} evals  {rate:.2f} evals/s  "
             f"{int(h.get('tokens', 0)):,} tokens  {_clock(elapsed)} elapsed  ETA {_clock(eta)}")
 
 
@@ -150,8 +152,16 @@ def _batched(cfg, info, searcher, num_samples: int, n_eval: int):
     return BatchedSearcher(searcher, g, limit=num_samples if num_samples > 0 else None), -1
 
 
-def run_tune(cfg, info, spec, searcher, space, callbacks: list, storage: Path, name: str):
-    """Drive `searcher` (registry entry `info`) through Ray Tune until it is finished."""
+def run_tune(cfg, info, spec, searcher, space, callbacks: list, name: str):
+    """Drive `searcher` (registry entry `info`) through Ray Tune until it is finished.
+
+    Tune's own files (a folder per trial, its experiment and searcher state) go to a temporary folder
+    deleted at the end: a resume restarts Tune from the searcher state in the run folder
+    (raypress_state.json, written after every trial by `state_saver`), and MLflow is the record, so
+    Tune's files would only be litter (hundreds of empty trial folders, megabytes of state)."""
+    import shutil
+    import tempfile
+
     from ray import tune
 
     from .evaluator import make_trainable
@@ -162,6 +172,7 @@ def run_tune(cfg, info, spec, searcher, space, callbacks: list, storage: Path, n
     if num_samples == 0:  # a resume whose budget was already spent (killed after its last trial)
         return None
     searcher, num_samples = _batched(cfg, info, searcher, num_samples, n_eval)
+    storage = Path(tempfile.mkdtemp(prefix="raypress-tune-"))
     tuner = tune.Tuner(
         make_trainable(spec, res),
         param_space=trial.tune_space(space),
@@ -187,8 +198,11 @@ def run_tune(cfg, info, spec, searcher, space, callbacks: list, storage: Path, n
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
         ),
     )
-    with interrupt.graceful():  # a first Ctrl-C / SIGTERM stops the trials, then raises Interrupted
-        results = tuner.fit()
+    try:
+        with interrupt.graceful():  # a first Ctrl-C / SIGTERM stops the trials, then raises Interrupted
+            results = tuner.fit()
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
     if stopper.error:
         raise RayPressError(stopper.error)
     return results

@@ -8,7 +8,7 @@ from raypress.tune_loop import progress_line
 def test_progress_line_says_where_how_fast_and_when():
     h = {"generation": 3, "best_fitness": 0.195, "median_fitness": 0.2004, "evaluations": 64, "tokens": 51200}
     line = progress_line(h, 384, 24, 240.0)
-    assert "gen 4/24" in line and "gen best KL 0.1950" in line and "median 0.2004" in line
+    assert "gen 4/24" in line and "gen best KL 0.1950" in line and "offspring median 0.2004" in line
     assert "64/384 evals" in line and "0.27 evals/s" in line and "51,200 tokens" in line
     assert "4m00s elapsed" in line and "ETA 20m00s" in line  # (384 - 64) / (64 / 240 s)
     assert "eval 64/384" in progress_line(h, 384, None, 240.0)  # per-trial searchers
@@ -28,6 +28,8 @@ def test_search_prints_a_line_per_generation(tmp_path, ray_session, mlflow_uri, 
     with caplog.at_level(logging.INFO, logger="raypress.progress"):
         run_search(cfg)
     lines = [r.getMessage() for r in caplog.records if r.name == "raypress.progress"]
+    assert lines[0].startswith("  magnitude database: 14/14 layers"), lines  # the build's final line
+    lines = [l for l in lines if l.startswith("  gen ")]
     assert [l.split()[1] for l in lines] == ["1/3", "2/3", "3/3"], lines
     assert lines[-1].rstrip().endswith("ETA 0m00s")
 

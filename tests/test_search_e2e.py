@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from _tiny import tiny_llama
@@ -30,6 +31,8 @@ def test_search_end_to_end_logs_complete_mlflow_run(tmp_path, ray_session, mlflo
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "0.5 evopress llama sparsegpt"  # what differs between runs first
     assert Path(r.experiment_dir).name.startswith("0.5-evopress-llama-sparsegpt-")
+    # what resume and export need, nothing else (Tune's trial folders and state live in a temp dir)
+    assert sorted(p.name for p in Path(r.experiment_dir).iterdir()) == ["raypress_state.json", "result.json"]
     assert {run.data.tags[f"raypress.{k}"] for k in ("searcher", "family", "method")} == {"evopress", "sparsity", "sparsegpt"}
     assert run.data.metrics["target"] == 0.5
     p = run.data.params
@@ -91,3 +94,35 @@ def test_export_of_a_finished_search_round_trips(tmp_path, ray_session, mlflow_u
     out = export_run(r.experiment_dir, tmp_path / "export")
     ppl = eval_folder(out, cfg.data.source, cfg.data.seq_len, cfg.data.n_eval, cfg.data.n_calib, cfg.data.seed)
     assert ppl == pytest.approx(r.ppl_best, rel=1e-4)
+
+
+def test_export_is_written_in_the_source_dtype_readable_by_the_group(tmp_path, ray_session, mlflow_uri,
+                                                                      wikitext_path):
+    """A bfloat16 checkpoint exports as bfloat16 (not the float32 the search computes in: half the
+    bytes), with the usual umask permissions (not 0600), and still evaluates as the search did."""
+    import os
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raypress.rundir import eval_folder, export_run
+
+    src = tmp_path / "bf16-llama"
+    AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.bfloat16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_llama()).save_pretrained(src)
+    cfg = _cfg(tmp_path, wikitext_path, f"model={src}", "searcher.generations=1")
+    r = run_search(cfg)
+    old = os.umask(0o022)
+    try:
+        out = export_run(r.experiment_dir, tmp_path / "export")
+    finally:
+        os.umask(old)
+    files = list(out.glob("*.safetensors"))
+    with safe_open(str(files[0]), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    fp32_bytes = 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(src).parameters())
+    assert sum(p.stat().st_size for p in files) < 0.55 * fp32_bytes
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    ppl = eval_folder(out, cfg.data.source, cfg.data.seq_len, cfg.data.n_eval, cfg.data.n_calib, cfg.data.seed)
+    assert ppl == pytest.approx(r.ppl_best, rel=0.02)  # bf16 rounding of the searched weights

@@ -13,6 +13,7 @@ import torch
 from ..compress.depth import DepthApplier, block_index, depth_units, mlp_unit_name, shortgpt_config, shortgpt_scores
 from ..errors import RayPressError
 from ..export import base_info, clean_levels, remove_blocks, write_export
+from ..models import checkpoint_dtype
 from ..space import SearchSpace
 from .base import Family, Prepared
 
@@ -56,7 +57,8 @@ class DepthFamily(Family):
         info["layers"], info["depth"] = _apply_depth(model, adapter, space, cfg)
         info["n_params"] = int(sum(p.numel() for p in model.parameters()))
         info.update(extra_info or {})
-        return write_export(model, out_dir, tokenizer=tokenizer, info=info, overwrite=overwrite)
+        return write_export(model, out_dir, tokenizer=tokenizer, info=info, overwrite=overwrite,
+                            dtype=checkpoint_dtype(source) if source else None)
 
 
 def _first_attr(module, names):

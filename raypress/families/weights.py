@@ -13,7 +13,7 @@ from ..compress.swap import WeightSwapApplier
 from ..database import build_database, layer_storage, storage_itemsize
 from ..errors import RayPressError
 from ..export import base_info, clean_levels, write_export
-from ..models import is_random
+from ..models import checkpoint_dtype, is_random
 from ..search.schedules import run_schedule
 from ..space import SearchSpace
 from . import units
@@ -146,7 +146,8 @@ class WeightFamily(Family):
         info.update(self.export_info(info, meta.get("method") or {}))
         info["n_params"] = int(sum(p.numel() for p in model.parameters()))
         info.update(extra_info or {})
-        return write_export(model, out_dir, tokenizer=tokenizer, info=info, overwrite=overwrite)
+        return write_export(model, out_dir, tokenizer=tokenizer, info=info, overwrite=overwrite,
+                            dtype=checkpoint_dtype(source) if source else None)
 
     def export_info(self, info: dict, method_params: dict) -> dict:
         return {}

@@ -15,6 +15,7 @@ from ..compress.width import (FORMAT, WidthApplier, build_width_database, export
                               width_levels)
 from ..data import calib_hash
 from ..database import default_cache_root, storage_dtype_name
+from ..models import checkpoint_dtype
 from ..space import SearchSpace
 from ..store import META, content_key
 from .base import Family, Prepared
@@ -85,7 +86,8 @@ class WidthFamily(Family):
                extra_info=None):
         prep.space.check({k: v for k, v in best.items() if not str(k).startswith("_")})
         return export_width(model, adapter, best, out_dir, database=prep.db, applier=prep.applier,
-                            tokenizer=tokenizer, overwrite=overwrite, extra_info=extra_info)
+                            tokenizer=tokenizer, overwrite=overwrite, extra_info=extra_info,
+                            dtype=checkpoint_dtype(source) if source else None)
 
 
 __all__ = ["WidthFamily"]

@@ -78,7 +78,8 @@ class RayPressWidthForCausalLM(_Base):
 
 @torch.no_grad()
 def export_width(model, adapter, levels: dict[str, int], out_dir, *, database=None, applier=None,
-                 tokenizer=None, overwrite: bool = False, extra_info: dict | None = None) -> Path:
+                 tokenizer=None, overwrite: bool = False, extra_info: dict | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
     """Write the config `levels` as a physically smaller HF folder (+ raypress.json).
 
     Weights come from the dense model (the attached `applier`'s dense tensors if given, so the live
@@ -177,7 +178,7 @@ def export_width(model, adapter, levels: dict[str, int], out_dir, *, database=No
     files = {_MODELING_FILE: _MODELING_TEMPLATE.format(base=base.__name__, module=base.__module__, prefix=lay.prefix,
                                                        attn=lay.attn_name, mlp=lay.mlp_name),
              "raypress.json": json.dumps(meta, indent=1) + "\n"}
-    write_export(small, out, tokenizer=tokenizer, files=files, overwrite=overwrite)
+    write_export(small, out, tokenizer=tokenizer, files=files, overwrite=overwrite, dtype=dtype)
     return out
 
 
