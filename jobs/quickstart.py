@@ -11,8 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raypress.cli import main  # noqa: E402
-from raypress.data import offline_source  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["search", "--config", str(ROOT / "search_spaces/smollm2_sparsity.yaml"),
-                   "--set", f"data.source={offline_source(ROOT)}", *sys.argv[1:]]))
+    # data.source "default": WikiText-2 when shared/ lies beside the checkout, else the Brown corpus
+    sys.exit(main(["search", "--config", str(ROOT / "search_spaces/smollm2_sparsity.yaml"), *sys.argv[1:]]))

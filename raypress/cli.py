@@ -146,8 +146,10 @@ def cmd_eval(args) -> int:
     if args.n_eval < 1 or args.n_calib < 0 or args.seq_len < 8:
         raise RayPressError(f"--n-eval must be >= 1 (held-out sequences), --n-calib >= 0 and --seq-len >= 8; got "
                             f"{args.n_eval}, {args.n_calib}, {args.seq_len}")
-    ppl = eval_folder(args.path, args.data, args.seq_len, args.n_eval, args.n_calib, args.seed)
-    print(f"{args.path}: held-out perplexity {ppl:.3f} on {args.data}")
+    seen: dict = {}
+    ppl = eval_folder(args.path, args.data, args.seq_len, args.n_eval, args.n_calib, args.seed, report=seen)
+    print(f"{args.path}: held-out perplexity {ppl:.3f} on {seen['source']}: its last {seen['tokens']:,} tokens "
+          f"({seen['windows']} windows of {seen['seq_len']})")
     return 0
 
 
@@ -225,13 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: a plain Hugging Face folder (default); compressed-tensors: packed integer weights, "
                         "one config group per bitwidth (quant searches; vLLM loads it)")
     e.set_defaults(func=cmd_export)
-    v = sub.add_parser("eval", help="held-out perplexity of a model folder (an export or any HF folder)")
-    v.add_argument("path")
-    v.add_argument("--data", default="text:../shared/data/wikitext-2/valid.txt")
-    v.add_argument("--seq-len", type=int, default=256)
-    v.add_argument("--n-eval", type=int, default=32)
-    v.add_argument("--n-calib", type=int, default=64)
-    v.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser("eval", help="held-out perplexity of a model: an export, any HF folder, or a model spec",
+                       description="Perplexity on the held-out split a search reports: the last n_eval x seq_len "
+                                   "tokens of the text, scored as n_eval independent windows (the same numbers as "
+                                   "a search's ppl_* with the same data settings).")
+    v.add_argument("path", help="an export folder, an HF model folder, or any model spec `search` accepts "
+                                "(smollm2-135m, a hub id, random:<arch>)")
+    v.add_argument("--data", default="default",
+                   help="text to score: default (WikiText-2 beside the checkout, else the Brown corpus), "
+                        "text:PATH (a file or glob), brown, wikitext2, c4 or fineweb-edu (default: default)")
+    v.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256, as data.seq_len)")
+    v.add_argument("--n-eval", type=int, default=32, help="held-out windows (default 32, as data.n_eval)")
+    v.add_argument("--n-calib", type=int, default=64,
+                   help="calibration windows a search would draw before the held-out region (default 64, as "
+                        "data.n_calib); only checks the text is long enough")
+    v.add_argument("--seed", type=int, default=0, help="data.seed (default 0)")
     v.set_defaults(func=cmd_eval)
     u = sub.add_parser("ui", help="start the MLflow UI on localhost")
     u.add_argument("--uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")

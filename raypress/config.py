@@ -26,7 +26,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class DataConfig:
-    source: str = "text:../shared/data/wikitext-2/valid.txt"
+    source: str = "default"  # data.describe_source: WikiText-2 beside the checkout, else the Brown corpus
     seq_len: int = 256
     n_calib: int = 64  # sequences for the database and the search (stages sample from these)
     n_eval: int = 16  # held-out sequences for final perplexities

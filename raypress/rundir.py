@@ -164,15 +164,24 @@ def load_any(path):
     return load_model(str(p))[0]
 
 
-def eval_folder(path, data_source: str, seq_len: int = 256, n_eval: int = 32, n_calib: int = 64,
-                seed: int = 0) -> float:
-    """Held-out perplexity of a model folder on the same evaluation split a search uses."""
-    from transformers import AutoTokenizer
-
-    from .data import load_tokens, make_splits
+def eval_folder(path, data_source: str = "default", seq_len: int = 256, n_eval: int = 32, n_calib: int = 64,
+                seed: int = 0, report: dict | None = None) -> float:
+    """Held-out perplexity of a model on the same evaluation split a search uses: the last
+    n_eval * seq_len tokens of `data_source`, as n_eval windows of seq_len (n_calib only sizes the
+    region before it, as in a search). `path`: an export or HF folder, or any model spec `search`
+    accepts (alias, hub id, random:<arch>). `report` gets what was scored (source, tokens)."""
+    from .data import describe_source, load_tokens, make_splits
     from .fitness import perplexity
+    from .models import load_model
 
-    model = load_any(path)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    if Path(path).is_dir():
+        from transformers import AutoTokenizer
+
+        model, tok = load_any(path), AutoTokenizer.from_pretrained(str(path))
+    else:
+        model, tok = load_model(str(path))
     splits = make_splits(load_tokens(data_source, tok), seq_len, n_calib, n_eval, seed)
+    if report is not None:
+        report.update(source=describe_source(data_source), tokens=int(splits.eval.size), windows=n_eval,
+                      seq_len=seq_len)
     return perplexity(model, splits.eval)

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import trial
 from .calibrate import StatsCache
 from .config import Config
-from .data import load_tokens, make_splits
+from .data import describe_source, load_tokens, make_splits
 from .evaluator import Evaluator, EvaluatorSpec
 from .families import get_family
 from .models import RANDOM_NOTE, get_adapter, is_random, load_model
@@ -58,12 +58,14 @@ class SearchResult:
     # final config and uniform on the same calibration tokens, the references of the fitness plots
     kl_monitor_best: float | None = None
     kl_monitor_uniform: float | None = None
+    heldout: str = ""  # which text the held-out perplexities are on, and how many tokens
 
     def summary(self) -> str:
         return (
-            (f"[{self.note}] " if self.note else "") + f"{self.run_name}: held-out perplexity dense {self.ppl_dense:.2f} | uniform {self.ppl_uniform:.2f} | "
-            f"searched {self.ppl_best:.2f} (KL {self.kl_uniform:.4f} -> {self.kl_best:.4f}, "
-            f"{self.evaluations} evaluations, search {self.search_s:.0f}s, total {self.wall_s:.0f}s)"
+            (f"[{self.note}] " if self.note else "") + f"{self.run_name}: held-out perplexity"
+            + (f" ({self.heldout})" if self.heldout else "")
+            + f": dense {self.ppl_dense:.2f} | uniform {self.ppl_uniform:.2f} | searched {self.ppl_best:.2f} "
+            f"(KL {self.kl_uniform:.4f} -> {self.kl_best:.4f}, {self.evaluations} evaluations, search {self.search_s:.0f}s, total {self.wall_s:.0f}s)"
         )
 
 
@@ -230,6 +232,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             note=RANDOM_NOTE if is_random(cfg.model) else None,
             kl_monitor_best=kl_mon_best,
             kl_monitor_uniform=kl_mon_uniform,
+            heldout=f"{describe_source(cfg.data.source)}, last {splits.eval.size:,} tokens",
         )
         _report(tracker, cfg, space, result, out_dir)
     return result

@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,8 @@ import pytest
 from _tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from screenshots import WINDOW, dump_dom, screenshot, start_ui, stop_ui  # noqa: E402  (the README's screenshot tool)
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +46,6 @@ def chromium():
     return exe
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 5.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - localhost test server
         return r.read()
@@ -74,49 +68,21 @@ def ui(tmp_path_factory, ray_session, wikitext_path):
     cfg = load_config(None, cfg_args)
     r = run_search(cfg)
     run_search(load_config(None, [*cfg_args, "searcher.name=uniform"]))  # a second row for the table
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = open(tmp / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "raypress.cli", "ui", "--uri", uri, "--port", str(port)],
-                            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base, printed = start_ui(uri, tmp / "ui.log", tmp)
+    port = int(base.rsplit(":", 1)[1])
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if b"<html" in _get(base + "/").lower():
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"`raypress ui` did not come up: {(tmp / 'ui.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        printed = (tmp / "ui.log").read_text()
         yield {"base": base, "port": port, "run": r, "proc": proc, "tmp": tmp, "printed": printed}
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop_ui(proc)
 
 
 def _screenshot(chromium: str, url: str, out: Path, profile: Path) -> None:
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--screenshot={out}",
-           "--window-size=1800,950", "--virtual-time-budget=10000", "--hide-scrollbars", url]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, start_new_session=True)
+    p = screenshot(chromium, url, out, profile)
     assert out.is_file(), f"no screenshot of {url}: rc {p.returncode}\n{p.stderr[-2000:]}"
 
 
 def _dump_dom(chromium: str, url: str, profile: Path) -> str:
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=3000,900",
-           "--virtual-time-budget=10000", "--dump-dom", url]  # wide: the grid renders only the visible columns
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, start_new_session=True)
+    p = dump_dom(chromium, url, profile)
     assert "<html" in p.stdout.lower(), f"no DOM from {url}: rc {p.returncode}\n{p.stderr[-2000:]}"
     return p.stdout
 
@@ -129,7 +95,7 @@ def _check_not_blank(png: Path) -> dict:
     q = (img * 31).round().astype(np.uint8).reshape(-1, 3)  # 5-bit colors: antialiasing noise folded
     colors = len(np.unique(q, axis=0))
     bg = np.bincount(np.ravel_multi_index(q.T, (32, 32, 32))).max() / len(q)
-    assert img.shape[:2] == (950, 1800)
+    assert img.shape[:2] == (WINDOW[1], WINDOW[0])
     assert colors > 40, f"{png}: only {colors} colors (blank page?)"
     assert bg < 0.97, f"{png}: {bg:.1%} of the pixels have the background color"
     return {"colors": colors, "background": bg, "bytes": png.stat().st_size}
