@@ -33,13 +33,33 @@ def _flat_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
 
 
+# Rows of [tokens, vocab] float32 work at a time: the log-softmax and KL temporaries of a whole batch
+# (4-5 float32 copies of batch x seq x vocab: ~20 GB at 8k tokens x 128k vocab) would dominate an
+# evaluator's GPU peak; in chunks of ~2^26 elements (256 MB) they are a rounding error.
+CHUNK_ELEMENTS = 1 << 26
+
+
+def _row_chunks(logits: torch.Tensor):
+    """(start, float32 [rows, V] chunk) over the next-token rows of logits [B, T, V]."""
+    flat = logits[:, :-1, :].reshape(-1, logits.shape[-1])  # model dtype (one copy when not contiguous)
+    step = max(1, CHUNK_ELEMENTS // flat.shape[-1])
+    for i in range(0, flat.shape[0], step):
+        yield i, flat[i : i + step].float()
+
+
 def make_teacher(logits: torch.Tensor, topk: int | None = None) -> Teacher:
     """Build the teacher cache from dense logits [B, T, V]."""
-    logp = F.log_softmax(_flat_logits(logits), dim=-1)
-    if not topk or topk >= logp.shape[-1]:
-        return Teacher(logp=logp)
-    vals, idx = logp.topk(topk, dim=-1)
-    rest = (1.0 - vals.exp().sum(-1)).clamp_min(0.0)
+    parts = []
+    for _, chunk in _row_chunks(logits):
+        logp = F.log_softmax(chunk, dim=-1)
+        if not topk or topk >= logp.shape[-1]:
+            parts.append((logp,))
+        else:
+            vals, idx = logp.topk(topk, dim=-1)
+            parts.append((vals, idx, (1.0 - vals.exp().sum(-1)).clamp_min(0.0)))
+    if len(parts[0]) == 1:
+        return Teacher(logp=torch.cat([p[0] for p in parts]))
+    vals, idx, rest = (torch.cat(x) for x in zip(*parts))
     return Teacher(logp=None, topk_logp=vals, topk_idx=idx, rest_mass=rest)
 
 
@@ -49,19 +69,24 @@ def kl_from_teacher(teacher: Teacher, student_logits: torch.Tensor) -> float:
     With a top-k teacher the tail is treated as one bucket: KL over the k kept tokens plus
     r·log(r / r_student), where r, r_student are the teacher's and student's mass outside the top-k.
     """
-    s_logp = F.log_softmax(_flat_logits(student_logits), dim=-1)
-    if teacher.logp is not None:
-        t_logp = teacher.logp.to(s_logp.device)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-        return float(kl.mean())
-    idx = teacher.topk_idx.to(s_logp.device)
-    t_vals = teacher.topk_logp.to(s_logp.device)
-    s_vals = s_logp.gather(-1, idx)
-    kl = (t_vals.exp() * (t_vals - s_vals)).sum(-1)
-    r = teacher.rest_mass.to(s_logp.device)
-    r_s = (1.0 - s_vals.exp().sum(-1)).clamp_min(1e-12)
-    kl = kl + torch.where(r > 1e-12, r * (torch.log(r.clamp_min(1e-12)) - torch.log(r_s)), torch.zeros_like(r))
-    return float(kl.mean())
+    total, n = 0.0, 0
+    for i, chunk in _row_chunks(student_logits):
+        s_logp = F.log_softmax(chunk, dim=-1)
+        rows = slice(i, i + s_logp.shape[0])
+        if teacher.logp is not None:
+            t_logp = teacher.logp[rows].to(s_logp.device)
+            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        else:
+            idx = teacher.topk_idx[rows].to(s_logp.device)
+            t_vals = teacher.topk_logp[rows].to(s_logp.device)
+            s_vals = s_logp.gather(-1, idx)
+            kl = (t_vals.exp() * (t_vals - s_vals)).sum(-1)
+            r = teacher.rest_mass[rows].to(s_logp.device)
+            r_s = (1.0 - s_vals.exp().sum(-1)).clamp_min(1e-12)
+            kl = kl + torch.where(r > 1e-12, r * (torch.log(r.clamp_min(1e-12)) - torch.log(r_s)), torch.zeros_like(r))
+        total += float(kl.sum())
+        n += kl.shape[0]
+    return total / n
 
 
 def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:

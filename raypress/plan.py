@@ -11,6 +11,7 @@ import copy
 
 from .config import validate
 from .errors import RayPressError
+from .fitness import CHUNK_ELEMENTS
 from .families import get_family
 from .models import RANDOM_NOTE, get_adapter, is_random, meta_model
 from .search import registry
@@ -127,7 +128,10 @@ def resources(cfg, cluster: str | None = None, model=None) -> dict:
     vocab = int(getattr(model.config, "vocab_size", 0))
     teacher = tokens * (8 * cfg.evaluator.kl_topk if cfg.evaluator.kl_topk else 4 * vocab)
     on_gpu = total * ebytes if cfg.evaluator.mode != "streamed" else (outside + 2 * block_params) * ebytes
-    gpu_peak = on_gpu // k + teacher + 2 * cfg.evaluator.batch_size * cfg.data.seq_len * vocab * 4
+    # a forward batch's logits in the model dtype, their next-token copy, and the KL's float32 work on
+    # fitness.CHUNK_ELEMENTS at a time (~5 copies: upcast, log-softmax, teacher exp, difference, product)
+    logits = 2 * cfg.evaluator.batch_size * cfg.data.seq_len * vocab * ebytes + 5 * CHUNK_ELEMENTS * 4
+    gpu_peak = on_gpu // k + teacher + logits
     hold = _hold(cfg, family, db_bytes, gpu_peak, gb, gpus // k if gpus else 1, ebytes, sbytes)
     if hold == "gpu":  # every variant beside the model
         gpu_peak += db_bytes * ebytes // sbytes // k

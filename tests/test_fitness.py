@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from raypress.fitness import kl_from_teacher, make_teacher, nll_sum
@@ -34,3 +35,18 @@ def test_nll_counts_next_tokens():
     assert n == 16
     ref = torch.nn.functional.cross_entropy(x[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1), reduction="sum")
     assert np.isclose(total, float(ref), rtol=1e-5)
+
+
+@pytest.mark.parametrize("topk", [None, 5])
+def test_kl_in_row_chunks_equals_the_whole_batch(monkeypatch, topk):
+    """Teacher and KL work on a few rows at a time (GPU memory); the answer must not change."""
+    from raypress import fitness
+
+    g = torch.Generator().manual_seed(0)
+    t_logits, s_logits = torch.randn(3, 9, 40, generator=g), torch.randn(3, 9, 40, generator=g)
+    whole = fitness.kl_from_teacher(fitness.make_teacher(t_logits, topk), s_logits)
+    monkeypatch.setattr(fitness, "CHUNK_ELEMENTS", 40 * 5)  # 5 rows per chunk: 24 rows -> 5 chunks
+    teacher = fitness.make_teacher(t_logits, topk)
+    assert teacher.nbytes == fitness.make_teacher(t_logits, topk).nbytes
+    chunked = fitness.kl_from_teacher(teacher, s_logits)
+    assert chunked == pytest.approx(whole, rel=1e-6) and whole > 0.1
