@@ -23,6 +23,8 @@ def _quiet() -> None:
     # output; HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow resets its loggers on import
+    if not sys.stderr.isatty():  # libraries' tqdm bars (compressed-tensors, ...) are one endless line in a log
+        os.environ.setdefault("TQDM_DISABLE", "1")
     if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers.utils.logging" in sys.modules:
         sys.modules["transformers.utils.logging"].disable_progress_bar()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
