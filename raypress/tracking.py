@@ -141,6 +141,12 @@ def reap_dead_runs(client, experiment_id: str) -> list[str]:
     return reaped
 
 
+def _store_busy(e: BaseException) -> bool:
+    """A locked SQLite store (sqlite3.OperationalError "database is locked" / "busy", however wrapped)."""
+    text = f"{type(e).__name__}: {e}".lower()
+    return "database is locked" in text or "database is busy" in text or "sqlite_busy" in text
+
+
 class Tracker:
     """Thin wrapper around an MLflow run that is always closed with a status."""
 
@@ -182,6 +188,7 @@ class Tracker:
         self.run_id = self.run.info.run_id
         self.experiment_id = exp_id
         self.closed = False
+        self._unsent: list = []
 
     def _reopen(self, run_id: str) -> None:
         """Resume: the same run, RUNNING again under this driver (refused while its driver lives)."""
@@ -207,14 +214,32 @@ class Tracker:
         self.client.set_tag(run_id, "raypress.resumed_from", previous)
         self.run = self.client.get_run(run_id)
         self.run_id, self.experiment_id, self.closed = run_id, run.info.experiment_id, False
+        self._unsent = []
 
     # -- logging ---------------------------------------------------------------------------
+    # A SQLite store is locked while another process writes it (a second search, `mlflow gc`, the UI's
+    # writes); sqlite3 waits 5 s, then MLflow raises. Writes are retried for about a minute; metrics
+    # that still cannot be written are kept and sent first by the next write (and by finish()), with
+    # one warning line, so a busy store delays metrics but never drops them.
+    RETRY_S = (0.5, 1, 2, 4, 8, 15, 30)
+
+    def _write(self, fn, *args, **kw):
+        import time
+
+        for wait in (*self.RETRY_S, None):
+            try:
+                return fn(*args, **kw)
+            except Exception as e:  # noqa: BLE001 - MlflowException wrapping sqlite3.OperationalError
+                if wait is None or not _store_busy(e):
+                    raise
+                time.sleep(wait)
+
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self._write(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         import time
@@ -222,13 +247,24 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
-        if ms:
-            self.client.log_batch(self.run_id, metrics=ms)
+        ms = self._unsent + [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        if not ms:
+            return
+        try:
+            for i in range(0, len(ms), 1000):
+                self._write(self.client.log_batch, self.run_id, metrics=ms[i : i + 1000])
+            self._unsent = []
+        except Exception as e:  # noqa: BLE001
+            if not _store_busy(e):
+                raise
+            self._unsent = ms
+            logging.getLogger("raypress").warning(
+                "MLflow store %s busy for over a minute: %d metric values kept, sent with the next write",
+                self.uri, len(ms))
 
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self._write(self.client.set_tag, self.run_id, k, str(v))
 
     def log_json(self, obj, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -251,7 +287,12 @@ class Tracker:
     # -- lifecycle -------------------------------------------------------------------------
     def finish(self) -> None:
         if not self.closed:
-            self.client.set_terminated(self.run_id, "FINISHED")
+            if self._unsent:
+                self.log_metrics({})
+                if self._unsent:
+                    raise RayPressError(f"the MLflow store {self.uri} stayed locked: {len(self._unsent)} metric "
+                                        "values could not be written (result.json has the results); retry later")
+            self._write(self.client.set_terminated, self.run_id, "FINISHED")
             self.closed = True
 
     def fail(self, reason: str) -> None:
