@@ -44,7 +44,12 @@ def level_cost(n_params: int, value: float) -> int:
 
 def exact_budget(target: float, total_params: int) -> int:
     """The integer budget of a target over `total_params` parameters (rounded once over the total)."""
-    return int(round(float(target) * SCALE * int(total_params)))
+    v = float(target) * SCALE * int(total_params)
+    if not math.isfinite(v):  # a finite target too large for a float product (1e308): exact, then the verdict says no
+        from fractions import Fraction
+
+        return int(round(Fraction(float(target)) * SCALE * int(total_params)))
+    return int(round(v))
 
 
 def target_text(units: int, total_params: int) -> str:
@@ -164,12 +169,13 @@ class Budget:
         ok = self._reachable_units(self.budget)
         if ok or ok is None:
             return Verdict(True, "", self.budget, (), lo, hi)
-        nearest = tuple(target_text(u, self.total) for u in self._neighbours(self.budget))
         if self.budget < self.min_cost or self.budget > self.max_cost:
+            nearest = (target_text(self.min_cost if self.budget < self.min_cost else self.max_cost, self.total),)
             msg = (f"target {t:g} is outside what levels {self._ladder_text()} can reach "
                    f"({target_text(self.min_cost, self.total)}..{target_text(self.max_cost, self.total)}); "
                    f"pick a target in that range")
         else:
+            nearest = tuple(target_text(u, self.total) for u in self._neighbours(self.budget))
             msg = (f"target {t:g} is not reachable exactly with levels {self._ladder_text()} "
                    f"over {len(self.costs)} units; nearest reachable targets: {' or '.join(nearest)}")
         return Verdict(False, msg, self.budget, nearest, lo, hi)

@@ -156,6 +156,11 @@ def _check_type(path: str, value, tp):
         raise RayPressError(f"config key '{path}' must be null")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if origin is list or tp is list:
         if isinstance(value, (list, tuple)):
             return list(value)
@@ -214,7 +219,9 @@ def validate(cfg: Config) -> Config:
     for i, st in enumerate(cfg.searcher.stages):
         if not (isinstance(st, (list, tuple)) and len(st) == 2 and all(isinstance(x, int) and x > 0 for x in st)):
             raise RayPressError(f"searcher.stages[{i}] must be [tokens, survivors] with positive integers, got {st!r}")
-    if cfg.searcher.stages and cfg.searcher.stages[-1][1] != 1:
+    if not cfg.searcher.stages:
+        raise RayPressError("searcher.stages must list at least one [tokens, survivors] stage, e.g. [[512, 4], [2048, 1]]")
+    if cfg.searcher.stages[-1][1] != 1:
         raise RayPressError("the last searcher stage must keep exactly 1 survivor (the next parent), e.g. [2048, 1]")
     if cfg.data.seq_len < 8:
         raise RayPressError("data.seq_len must be at least 8 tokens")
@@ -303,7 +310,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise RayPressError(f"config file '{p}' not found; see search_spaces/ for examples")
         try:
-            data = _safe_load_unique(p.read_text()) or {}
+            data = _safe_load_unique(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise RayPressError(f"config file '{p}' is not UTF-8 text (a binary file?); pass a YAML search space "
+                                "such as search_spaces/smollm2_sparsity.yaml") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -139,8 +139,14 @@ def _iter_files(files: list[Path]) -> Iterator[str]:
                     block = fh.read(_CHUNK_CHARS)
                     if not block:
                         break
-                    if first and k > 0:
-                        block = "\n\n" + block
+                    if first:  # a binary file decodes to replacement characters and NULs: not text
+                        bad = block.count("\ufffd") + block.count("\x00")
+                        if bad > 0.01 * len(block):
+                            raise RayPressError(f"data file '{f}' is not UTF-8 text ({100 * bad / len(block):.0f}% of "
+                                                "its first characters are undecodable bytes or NULs); point "
+                                                "data.source at text files")
+                        if k > 0:
+                            block = "\n\n" + block
                     first = False
                     yield block
         except OSError as e:

@@ -94,6 +94,20 @@ def _is_complete_folder(folder: Path) -> bool:
     )
 
 
+def unreadable_safetensors(folder) -> tuple[Path, str] | None:
+    """(file, reason) of the first safetensors file in `folder` whose header is corrupt or that is
+    truncated (safetensors checks that the header's tensors cover the file), else None. Headers only."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+            return f, _first_line(e)
+    return None
+
+
 def _relax_permissions(folder: Path) -> None:
     """mkdtemp makes 0700 dirs: give the cache folder the usual umask permissions."""
     umask = os.umask(0)
@@ -176,7 +190,12 @@ def _resolve_alias(alias: str) -> Path:
     info = ALIASES[alias]
     target = cache_dir() / "models" / alias
     if _is_complete_folder(target):
-        return target
+        bad = unreadable_safetensors(target)
+        if bad is None:
+            return target
+        log.warning("the converted %s in %s is damaged (%s: %s); converting it again", alias, target, bad[0].name,
+                    bad[1])
+        shutil.rmtree(target, ignore_errors=True)
     if info.get("assemble"):
         return _convert_gguf(*_assemble_chunked(alias, info), target, alias)
     spec = importlib.util.find_spec(info["package"])
@@ -421,6 +440,10 @@ def load_model(spec: str, dtype=torch.float32, device="cpu", tokenizer: bool = T
 
     folder = resolve_model(spec)
     dt = _as_dtype(dtype)
+    bad = None if is_random(spec) else unreadable_safetensors(folder)
+    if bad is not None:
+        raise RayPressError(f"model file {bad[0]} is corrupt or truncated ({bad[1]}); download, copy or save the "
+                            "model again")
     try:
         if is_random(spec) or streamed:
             model = _load_materialized(folder, dt, device, streamed, **hf_kwargs)

@@ -15,6 +15,27 @@ STATE_FILE = "raypress_state.json"
 RESULT_FILE = "result.json"
 
 
+def check_writable_folder(path, key: str) -> None:
+    """`path` (config key `key`) is, or is made now, a folder this process can write: checked before any
+    model is loaded, so a typo costs one line, not a traceback minutes later."""
+    import tempfile
+
+    p = Path(path).expanduser()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RayPressError(f"{key} '{path}' {'is' if probe == p else 'lies under'} the file '{probe}', not a folder; "
+                            f"set {key} to a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise RayPressError(f"{key} '{path}' cannot be written ({e.strerror or e}); set {key} to a folder you can "
+                            "write") from None
+
+
 def read_state(run_dir) -> dict:
     """The resume state of an output folder; missing or unreadable -> RayPressError."""
     out_dir = Path(run_dir)
@@ -152,7 +173,12 @@ def log_export(state: dict, fmt: str, out, sizes: dict) -> None:
 
 def load_any(path):
     """Load a model folder: a RayPress export (its family's loader) or a plain HF folder."""
+    from .models import unreadable_safetensors
+
     p = Path(path)
+    bad = unreadable_safetensors(p)
+    if bad is not None:
+        raise RayPressError(f"model file {bad[0]} is corrupt or truncated ({bad[1]}); export or copy the folder again")
     info = p / "raypress.json"
     if info.is_file():
         from .families import get_family
@@ -177,7 +203,9 @@ def eval_folder(path, data_source: str = "default", seq_len: int = 256, n_eval: 
     if Path(path).is_dir():
         from transformers import AutoTokenizer
 
-        model, tok = load_any(path), AutoTokenizer.from_pretrained(str(path))
+        # float32 as a search computes (exports are stored in the source dtype; bfloat16 matmuls on a CPU are
+        # also several times slower)
+        model, tok = load_any(path).float(), AutoTokenizer.from_pretrained(str(path))
     else:
         model, tok = load_model(str(path))
     splits = make_splits(load_tokens(data_source, tok), seq_len, n_calib, n_eval, seed)

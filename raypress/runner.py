@@ -25,7 +25,8 @@ from .families import get_family
 from .models import RANDOM_NOTE, get_adapter, is_random, load_model
 from .ray_env import ensure_ray, resources
 from .interrupt import resumable
-from .rundir import STATE_FILE, check_owner, read_state
+from .database import default_cache_root
+from .rundir import STATE_FILE, check_owner, check_writable_folder, read_state
 from .search import registry
 from .tracking import Tracker, fitness_curve, level_heatmap, tracked
 from .tune_loop import atomic_write, generation_logger, run_tune, state_saver
@@ -123,6 +124,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
     info = registry.get_searcher(cfg.searcher.name)
 
     # everything a user can get wrong is checked before an MLflow run exists
+    check_writable_folder(cfg.output, "output")
+    check_writable_folder(cfg.database.cache_dir or default_cache_root(), "database.cache_dir")
     model, tokenizer = load_model(cfg.model, **get_family(cfg.family).driver_model(cfg))
     adapter = get_adapter(model)
     family, _ = preflight(cfg, adapter)
@@ -201,6 +204,9 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         space.check(best)
 
         # final held-out numbers on an evaluator actor (GPU if the cluster has one)
+        logging.getLogger("raypress.progress").info(
+            "  held-out evaluation: dense, uniform and the result on %s tokens (%s), then both on the monitor batch",
+            f"{splits.eval.size:,}", describe_source(cfg.data.source))
         actor = ray.remote(Evaluator).options(num_cpus=res["cpu"], num_gpus=res.get("gpu", 0)).remote(spec)
         ppl_dense = ray.get(actor.perplexity.remote({}))
         ppl_uniform, kl_uniform = ray.get(actor.heldout.remote(uniform))

@@ -119,6 +119,12 @@ CONFIG_CASES = [
     ("negative sample budget", None, ["searcher.samples=-1"], "--set searcher.samples=-1", "searcher.samples must be >= 1"),
     ("seed out of range", None, ["searcher.seed=-1"], "--set searcher.seed=-1", "searcher.seed must be in [0, 2^32)"),
     ("bad fused-units setting", None, ["units=qkv"], "--set units=qkv", "units must be one of linear, fused"),
+    ("binary config file", "\x89PNG\r\n\x1a\n\xff\xfe\x00\x01" * 20, [], "a binary file as --config",
+     "is not UTF-8 text"),
+    ("no selection stages", None, ["searcher.stages=[]"], "--set searcher.stages=[]",
+     "searcher.stages must list at least one"),
+    ("negative monitor interval", None, ["searcher.monitor_every=-1"], "--set searcher.monitor_every=-1",
+     "searcher.monitor_every must be >= 0"),
 ]
 
 
@@ -127,7 +133,7 @@ def test_config_errors(tmp_path, capsys, case, text, sets, what, needle):
     t0 = time.time()
     argv = ["search"]
     if text is not None:
-        (tmp_path / "space.yaml").write_text(text)
+        (tmp_path / "space.yaml").write_bytes(text.encode("latin-1"))
         argv += ["--config", tmp_path / "space.yaml"]
     for s in sets:
         argv += ["--set", s]
@@ -149,6 +155,24 @@ def _bad_corpus(tmp: Path, text: str) -> str:
     return f"text:{f}"
 
 
+def _binary(f: Path) -> str:
+    f.write_bytes(bytes(range(256)) * 400)
+    return f"text:{f}"
+
+
+def _file(f: Path) -> Path:
+    f.write_text("a file, not a folder")
+    return f
+
+
+def _truncated_model(tmp: Path) -> Path:
+    folder = tmp / "truncated-model"
+    shutil.copytree(tiny_llama(), folder)
+    w = folder / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return folder
+
+
 RUN_CASES = [
     # case, overrides (callable of tmp -> dict), env, what, needle
     ("unknown model", lambda t: {"model": t / "no-such-model"}, {}, "model=<missing folder>",
@@ -168,6 +192,15 @@ RUN_CASES = [
      "produced only 0 tokens"),
     ("too-short corpus", lambda t: {"data.source": _bad_corpus(t, "A few words only. " * 20)}, {},
      "a 20-sentence text file", "lower data.n_calib / data.n_eval / data.seq_len"),
+    ("binary corpus", lambda t: {"data.source": _binary(t / "corpus.bin")}, {}, "text:<a binary file>",
+     "is not UTF-8 text"),
+    ("corrupt model weights", lambda t: {"model": _truncated_model(t)}, {}, "a model folder whose safetensors "
+     "file is truncated", "is corrupt or truncated"),
+    ("huge target", lambda t: {"target": "1e308"}, {}, "--set target=1e308", "is outside what levels"),
+    ("output folder under a file", lambda t: {"output": _file(t / "taken") / "runs"}, {},
+     "output=<a path under an existing file>", "lies under the file"),
+    ("unwritable database cache", lambda t: {"database.cache_dir": "/proc/raypress-db"}, {},
+     "database.cache_dir=/proc/raypress-db", "cannot be written"),
     ("missing data file", lambda t: {"data.source": f"text:{t / 'nope.txt'}"}, {}, "text:<missing file>",
      "does not exist"),
     ("unknown data source", lambda t: {"data.source": "imagenet"}, {}, "data.source=imagenet",
@@ -332,6 +365,9 @@ def test_ui_errors(tmp_path, capsys, monkeypatch):
         t0 = time.time()
         line = _cli(capsys, ["ui", "--uri", uri, "--port", busy.getsockname()[1]])
     _record("ui port in use", "raypress ui --port <a port in use>", line, "pick another --port", t0)
+    t0 = time.time()
+    line = _cli(capsys, ["ui", "--uri", uri, "--port", 99999])
+    _record("ui port out of range", "raypress ui --port 99999", line, "--port must be a TCP port in 1..65535", t0)
 
 
 # ------------------------------------------------------------------ fresh-Ray cases (subprocess)
