@@ -67,3 +67,42 @@ def test_signal_stops_the_search_resumable(tmp_path, wikitext_path, signum, to_g
     assert run.info.status == "KILLED" and f"--resume {out_dir}" in run.data.tags["raypress.error"]
     gone, alive = psutil.wait_procs([c for c in children if c.is_running()], timeout=30)
     assert not alive, [p.name() for p in alive]  # the driver's Ray went with it
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "nsga2"])  # EvoPress and random: tests/test_faults.py, test_evolution.py
+def test_stop_then_resume_spends_the_budget_once_and_reproduces_the_run(tmp_path, ray_session, wikitext_path,
+                                                                          sampler):
+    """Every Optuna searcher: SIGINT after 3 of 8 trials, then --resume: 8 evaluations in all (not 3 + 8)
+    and the same best config and fitness as the same search run without a stop."""
+    from ray import tune
+
+    from raypress.config import load_config
+    from raypress.interrupt import Interrupted
+    from raypress.runner import run_search
+
+    def cfg(name):
+        return load_config(None, [
+            f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=32",
+            "data.n_eval=8", "searcher.stages=[[128, 2], [256, 1]]", f"searcher.name={sampler}",
+            "searcher.samples=8", "searcher.seed=5", "target=0.5", "method=magnitude",
+            f"database.cache_dir={tmp_path / 'db'}", f"output={tmp_path / name}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+
+    reference = run_search(cfg("reference"))
+
+    class StopAfter(tune.Callback):  # what Ctrl-C does, from inside the run: the signal to this process
+        done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            if self.done == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_search(cfg("stopped"), callbacks=[StopAfter()])
+    out_dir = next((tmp_path / "stopped").iterdir())
+    assert not (out_dir / "result.json").exists()
+    resumed = run_search(cfg("stopped"), resume=out_dir)
+    assert resumed.evaluations == reference.evaluations == 8
+    assert resumed.best_config == reference.best_config
+    assert resumed.best_fitness == pytest.approx(reference.best_fitness, rel=1e-6)

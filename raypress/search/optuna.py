@@ -51,6 +51,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raypress import trial as rp_trial
 from raypress.errors import RayPressError
+from raypress.search.nsga2 import PicklableNSGAIISampler
 from raypress.search.tpe import WindowedTPESampler
 
 __all__ = ["BudgetDecoder", "FeasibleSpace", "make_optuna_searcher", "make_sampler", "SAMPLERS",
@@ -207,7 +208,7 @@ def make_sampler(name: str, seed: int = 0, **kw):
             raise RayPressError("the CMA-ES sampler needs the 'cmaes' package; pip install cmaes") from e
         return optuna.samplers.CmaEsSampler(seed=seed, **kw)
     if name in ("nsga2", "nsgaii"):
-        return optuna.samplers.NSGAIISampler(seed=seed, **kw)
+        return PicklableNSGAIISampler(seed=seed, **kw)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed, **kw)
     raise RayPressError(f"unknown Optuna sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
@@ -405,7 +406,8 @@ def _pickle_sampler(sampler) -> bytes:
 def _unpickle_sampler(data: bytes):
     from ..safe_pickle import safe_loads  # the state file may come from elsewhere: allow-listed types only
 
-    obj = safe_loads(data, ("optuna.samplers", "optuna.distributions", "optuna.search_space", "raypress.search.tpe"),
+    obj = safe_loads(data, ("optuna.samplers", "optuna.distributions", "optuna.search_space", "raypress.search.tpe",
+                            "raypress.search.nsga2"),
                      "the saved Optuna sampler")
     sampler, locks = obj if isinstance(obj, tuple) else (obj, [])  # states before locks were dropped: bare
     for k in locks:
