@@ -163,8 +163,8 @@ def cmd_ui(args) -> int:
     import socket
     from pathlib import Path
 
-    if not 1 <= args.port <= 65535:
-        raise RayPressError(f"--port must be a TCP port in 1..65535, got {args.port}")
+    if not 0 <= args.port <= 65535:
+        raise RayPressError(f"--port must be a TCP port in 1..65535 (0: any free one), got {args.port}")
     uri = tracking_uri(args.uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise RayPressError(f"no MLflow store at {uri}; run `raypress search` first, or pass --uri / set "
