@@ -208,8 +208,11 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             "  held-out evaluation: dense, uniform and the result on %s tokens (%s), then both on the monitor batch",
             f"{splits.eval.size:,}", describe_source(cfg.data.source))
         actor = ray.remote(Evaluator).options(num_cpus=res["cpu"], num_gpus=res.get("gpu", 0)).remote(spec)
+        progress = logging.getLogger("raypress.progress")
         ppl_dense = ray.get(actor.perplexity.remote({}))
+        progress.info("  held-out perplexity: dense %.2f", ppl_dense)
         ppl_uniform, kl_uniform = ray.get(actor.heldout.remote(uniform))
+        progress.info("  held-out perplexity: uniform %.2f", ppl_uniform)
         ppl_best, kl_best = ray.get(actor.heldout.remote(best))
         monitor = {"n_tokens": cfg.searcher.stages[-1][0], "seed": cfg.searcher.seed,
                    "generation": trial.MONITOR_GENERATION, "stage": 0}
