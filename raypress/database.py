@@ -38,6 +38,7 @@ keeps propagating activations (the output folder must be visible to the workers)
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -263,13 +264,19 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
     key = database_key(fingerprint, calib, params, sdt, mdtype, layer_list,
                        storage_format="packed" if pack else "dense")
     final = root / key
-    if (final / META).is_file():
+    if (final / META).is_file() or final.exists():
         t = time.perf_counter()
-        db = open_database(final, verify=verify)
-        log.info("database cache hit %s (%.2f s)", final, time.perf_counter() - t)
-        return db
-    if final.exists():
-        raise store.corrupt(final, "meta.json missing")
+        try:
+            if not (final / META).is_file():
+                raise store.corrupt(final, "meta.json missing")
+            db = open_database(final, verify=verify)
+            log.info("database cache hit %s (%.2f s)", final, time.perf_counter() - t)
+            return db
+        except store.CorruptStore as e:  # a damaged cache is rebuilt, not a dead end
+            log.warning("%s: rebuilding it", str(e).split("; delete")[0])
+            aside = root / f"{store.TMP_PREFIX}corrupt-{key[:16]}-{os.getpid()}"
+            os.replace(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
 
     plan = block_layers(adapter, layer_list)
     if not plan:

@@ -47,9 +47,20 @@ def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
     return h.hexdigest()
 
 
+class CorruptStore(RayPressError):
+    """A cached folder that fails its checks; a build of the same key replaces it (database.build_database)."""
+
+
 def corrupt(path: Path, what: str, label: str = "level database") -> RayPressError:
-    return RayPressError(f"{label} {path} is corrupt or incomplete ({what}); delete the folder "
-                         f"{path} and rebuild it with `raypress build-db`")
+    return CorruptStore(f"{label} {path} is corrupt or incomplete ({what}); delete the folder "
+                        f"{path} and rebuild it with `raypress build-db`")
+
+
+META_DIGEST = "meta_sha256"  # meta.json's own checksum: its level values and file list are read from it
+
+
+def meta_digest(meta: dict) -> str:
+    return content_key({k: v for k, v in meta.items() if k != META_DIGEST})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,6 +96,7 @@ def new_tmp(root: Path, key: str) -> Path:
 def finalize(tmp: Path, final: Path, meta: dict) -> bool:
     """Write meta.json into `tmp` and rename it to `final`. False when another process finished the
     same build first (then `tmp` is removed and `final` is the one to open)."""
+    meta = {**meta, META_DIGEST: meta_digest(meta)}
     with open(tmp / META, "w") as fh:
         json.dump(meta, fh, indent=1)
     try:
@@ -152,6 +164,8 @@ def read_meta(path: Path, required=("files",)) -> dict:
             meta[k]
     except (ValueError, KeyError, TypeError) as e:
         raise corrupt(path, f"unreadable meta.json: {e.__class__.__name__} {e}") from None
+    if META_DIGEST in meta and meta[META_DIGEST] != meta_digest(meta):  # older databases carry none
+        raise corrupt(path, "meta.json does not match its own checksum: edited or damaged")
     return meta
 
 
