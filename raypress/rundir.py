@@ -205,7 +205,9 @@ def eval_folder(path, data_source: str = "default", seq_len: int = 256, n_eval: 
 
         # float32 as a search computes (exports are stored in the source dtype; bfloat16 matmuls on a CPU are
         # also several times slower)
-        model, tok = load_any(path).float(), AutoTokenizer.from_pretrained(str(path))
+        model, tok = load_any(path), AutoTokenizer.from_pretrained(str(path))
+        if not getattr(model, "is_quantized", False):  # a compressed-tensors model keeps its own dtypes
+            model = model.float()
     else:
         model, tok = load_model(str(path))
     splits = make_splits(load_tokens(data_source, tok), seq_len, n_calib, n_eval, seed)

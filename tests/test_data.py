@@ -77,7 +77,7 @@ def test_hf_sources_offline_error(source, tok, monkeypatch):
     with pytest.raises(RayPressError) as e:
         load_tokens(source, tok)
     msg = str(e.value)
-    assert "text:../shared/data/wikitext-2/valid.txt" in msg and "brown" in msg and "\n" not in msg
+    assert "use source default, brown or text:PATH" in msg and "brown" in msg and "\n" not in msg
 
 
 # ----------------------------------------------------------------------------- brown
