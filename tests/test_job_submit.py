@@ -96,8 +96,9 @@ def test_ray_job_submit_prune_opt66b_small_override(head, tmp_path, wikitext_pat
     parents = [r for r in runs if r.info.run_name.startswith("compare ")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    names = sorted(r.info.run_name.rsplit("-", 1)[-1] for r in children)
+    names = sorted(r.data.tags["raypress.searcher"] for r in children)
     assert names == ["evopress", "hessian", "tpe"]
+    assert all(r.info.run_name.startswith(f"0.7 {r.data.tags['raypress.searcher']} ") for r in children)
     for r in children:
         assert r.info.status == "FINISHED" and r.data.params["target"] == "0.7"
         assert r.data.metrics["mean_value_best"] == pytest.approx(0.7, abs=1e-9)
