@@ -11,19 +11,60 @@ from .errors import RayPressError
 # costs little when the machine is quiet.
 CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 _STARTED_HERE = False  # this process started (or joined) Ray through ensure_ray: it shuts it down
+_OWN_TEMP: str | None = None  # the embedded Ray's private session folder, removed at shutdown
 
 
 def shutdown_own_ray() -> None:
     """Shut down the Ray this process started (an interrupted or failed command must not leave
     Ray's threads to die at interpreter exit, which dumps a C++ stack); a Ray the caller started is
     left alone."""
-    global _STARTED_HERE
+    global _STARTED_HERE, _OWN_TEMP
     if _STARTED_HERE:
         import ray
 
         _STARTED_HERE = False
         if ray.is_initialized():
             ray.shutdown()
+    if _OWN_TEMP:
+        import shutil
+
+        shutil.rmtree(_OWN_TEMP, ignore_errors=True)
+        _OWN_TEMP = None
+
+
+def _start_embedded_ray(ray) -> None:
+    """A local Ray reachable from this machine only, its files in a private folder.
+
+    Ray binds its gRPC servers and agents to the node's IP address (all interfaces by default on
+    Linux); its own switch for a loopback-only node (the one it uses on macOS and Windows) makes the
+    node IP 127.0.0.1, so the GCS, raylet, workers and agents listen there only. Its session folders
+    (Ray makes its temp folder 0777; by default /tmp/ray, never removed) go below a 0700 temp folder
+    of ours, removed at shutdown."""
+    import atexit
+    import tempfile
+
+    from ray._private import ray_constants
+
+    global _OWN_TEMP
+    # embedded default: token auth stays on (Ray's safe default), its warning on every start does not
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    _OWN_TEMP = tempfile.mkdtemp(prefix="raypress-ray-")
+    atexit.register(shutdown_own_ray)  # library callers and jobs that never reach the CLI's cleanup
+    was = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init picks the node IP: loopback
+    try:
+        # address="local": always a fresh Ray. A bare ray.init() would instead join the cluster named
+        # in /tmp/ray/ray_current_cluster, which a killed driver leaves behind (then hangs minutes)
+        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING, runtime_env={"env_vars": CPU_ENV}, _temp_dir=os.path.join(_OWN_TEMP, "ray"))
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(_OWN_TEMP, ignore_errors=True)
+        _OWN_TEMP = None
+        raise
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was
 
 
 def ensure_ray(address: str | None = None):
@@ -47,13 +88,7 @@ def ensure_ray(address: str | None = None):
         if address:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
-            # embedded default: a local Ray, dashboard bound to localhost only. Ray turns token auth on
-            # for it (the safe default, kept) and warns about that on every start: not news to a user
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            # address="local": always a fresh Ray. A bare ray.init() would instead join the cluster named
-            # in /tmp/ray/ray_current_cluster, which a killed driver leaves behind (then hangs minutes)
-            ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                     runtime_env={"env_vars": CPU_ENV})
+            _start_embedded_ray(ray)
         global _STARTED_HERE
         _STARTED_HERE = True
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:

@@ -97,18 +97,39 @@ def test_optuna_state_with_a_malicious_sampler_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_local_ray_has_no_dashboard_on_the_network(monkeypatch):
-    import ray
+_PROBE = """
+import json, os, stat, psutil
+from raypress.ray_env import ensure_ray, shutdown_own_ray
+ray = ensure_ray(None)
+ray.get(ray.remote(lambda: 1).remote())  # a worker too
+procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+listen = sorted({(p.name(), c.laddr.ip) for p in procs for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN})
+session = ray._private.worker._global_node.get_session_dir_path()
+top = os.path.dirname(os.path.dirname(session))  # Ray makes its own temp folder 0777: ours is above
+print(json.dumps({"listen": listen, "session": session, "top_mode": stat.S_IMODE(os.stat(top).st_mode)}))
+shutdown_own_ray()
+"""
 
-    from raypress import ray_env
 
-    calls = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ray_env.ensure_ray(None)
-    (kw,) = calls
-    assert kw.get("include_dashboard") is False and kw.get("dashboard_host") == "127.0.0.1"
+def test_embedded_ray_listens_on_loopback_only_and_removes_its_session_folder():
+    """A real embedded Ray (as `raypress search` starts it): every listening socket of its processes
+    (GCS, raylet, agents, workers, the driver) is on the loopback interface; its session folder sits in
+    a private (0700) folder that is gone after shutdown."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=180, env=env,
+                         cwd=PKG.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(got["listen"]) >= 4, got  # GCS, raylet, agents at least: the probe saw Ray's sockets
+    exposed = [(name, ip) for name, ip in got["listen"] if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert got["top_mode"] == 0o700, oct(got["top_mode"])
+    assert not Path(got["session"]).exists() and not Path(got["session"]).parent.parent.exists()
 
 
 def test_ui_binds_localhost_by_default(monkeypatch, tmp_path):
