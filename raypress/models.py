@@ -73,19 +73,32 @@ def _looks_like_path(spec: str) -> bool:
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    """Inter-process lock (Ray workers may resolve the same alias at the same time)."""
+    """Inter-process lock (Ray workers may resolve the same alias at the same time) that leaves no
+    file behind: the holder deletes the lock file before releasing it, so a waiter that wakes up on a
+    deleted file (its inode no longer at `path`) starts over on the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
-    with open(path, "a+") as fh:
+    while True:
+        fh = open(path, "a+")
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()  # the previous holder removed it: lock the current file instead
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
 
 
 def _is_complete_folder(folder: Path) -> bool:

@@ -222,3 +222,33 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("RAYPRESS_CACHE")
     assert models.cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "raypress"
+
+
+def _count_under_lock(path, counter, n):
+    import time
+
+    from raypress.models import _file_lock
+
+    for _ in range(n):
+        with _file_lock(path):
+            v = int(counter.read_text() or 0)
+            time.sleep(0.002)  # a window for a second holder to break in
+            counter.write_text(str(v + 1))
+
+
+def test_file_lock_excludes_other_processes_and_leaves_no_file(tmp_path):
+    """Four processes increment one counter under the alias lock: no update is lost, and the lock file
+    (which every holder deletes before releasing) is gone afterwards."""
+    import multiprocessing as mp
+
+    lock, counter = tmp_path / ".alias.lock", tmp_path / "count"
+    counter.write_text("0")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_count_under_lock, args=(lock, counter, 25)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert counter.read_text() == "100"
+    assert not lock.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["count"]
