@@ -25,6 +25,7 @@ import torch
 
 from raypress import __version__
 from raypress.errors import RayPressError
+from raypress.store import usual_permissions
 from raypress.trial import META_PREFIX
 
 INFO_FILE = "raypress.json"
@@ -144,15 +145,6 @@ def write_export(model, out_dir, *, tokenizer=None, info: dict | None = None, fi
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def usual_permissions(folder: Path) -> None:
-    """Files 0666 and folders 0777 minus the umask, as `cp` would make them (temporary folders and
-    some writers make them 0600 / 0700, unreadable by the user's group)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [folder, *folder.rglob("*")]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def publish(tmp: Path, out_dir: Path) -> None:

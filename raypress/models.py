@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from .adapters import (Gemma3Adapter, LlamaAdapter, ModelAdapter, OPTAdapter, get_adapter,  # noqa: F401
                        supported_model_types)
 from .errors import RayPressError, first_line as _first_line
+from .store import usual_permissions
 
 log = logging.getLogger("raypress")
 
@@ -121,16 +123,6 @@ def unreadable_safetensors(folder) -> tuple[Path, str] | None:
     return None
 
 
-def _relax_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700 dirs: give the cache folder the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    with contextlib.suppress(OSError):
-        os.chmod(folder, 0o777 & ~umask)
-        for p in folder.iterdir():
-            os.chmod(p, 0o666 & ~umask)
-
-
 def _load_gguf_dense(gguf_dir: Path, gguf_file: str):
     """A plain float32 model from a GGUF (weights unpacked, no lingering quantizer)."""
     from transformers import AutoModelForCausalLM
@@ -162,6 +154,10 @@ def _load_gguf(gguf_dir: Path, gguf_file: str):
     except ImportError as e:
         raise RayPressError(f"reading {gguf_file} failed ({_first_line(e)}); install the gguf reader: "
                             "pip install gguf") from None
+    except (ValueError, KeyError, IndexError, EOFError, struct.error, OSError) as e:
+        # the reader's own words (bad magic, truncated tensor data, unknown field) for a damaged file
+        raise RayPressError(f"GGUF file {Path(gguf_dir) / gguf_file} is not readable ({_first_line(e)[:160]}); "
+                            "it is damaged or not a GGUF model: download it again or point at another model") from None
     return model, tok
 
 
@@ -188,7 +184,8 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, label: str, load
                  "gguf_size": gguf_path.stat().st_size if gguf_path.is_file() else None,
                  "transformers_version": _tf_version(), "converted_at": time.time()}, indent=1))
             del model
-            _relax_permissions(tmp)
+            with contextlib.suppress(OSError):
+                usual_permissions(tmp)
             if target.exists():  # stale, incomplete leftover (manual copy?): replace it
                 shutil.rmtree(target)
             os.rename(tmp, target)

@@ -63,6 +63,15 @@ def meta_digest(meta: dict) -> str:
     return content_key({k: v for k, v in meta.items() if k != META_DIGEST})
 
 
+def usual_permissions(folder: Path) -> None:
+    """Files 0666 and folders 0777 minus the umask, as `cp` would make them: what is built in a
+    mkdtemp folder (0700) and renamed into place would otherwise stay unreadable by the user's group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -173,6 +173,14 @@ def _truncated_model(tmp: Path) -> Path:
     return folder
 
 
+def _corrupt_gguf(tmp: Path) -> Path:
+    """A file that starts like a GGUF (magic, version 3) and then holds noise: a damaged download."""
+    f = tmp / "damaged.gguf"
+    f.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little") + (99999).to_bytes(8, "little")
+                  + bytes(range(256)) * 8)
+    return f
+
+
 RUN_CASES = [
     # case, overrides (callable of tmp -> dict), env, what, needle
     ("unknown model", lambda t: {"model": t / "no-such-model"}, {}, "model=<missing folder>",
@@ -196,6 +204,8 @@ RUN_CASES = [
      "is not UTF-8 text"),
     ("corrupt model weights", lambda t: {"model": _truncated_model(t)}, {}, "a model folder whose safetensors "
      "file is truncated", "is corrupt or truncated"),
+    ("corrupt GGUF model", lambda t: {"model": _corrupt_gguf(t)}, {}, "model=<a damaged .gguf file>",
+     "is not readable"),
     ("huge target", lambda t: {"target": "1e308"}, {}, "--set target=1e308", "is outside what levels"),
     ("output folder under a file", lambda t: {"output": _file(t / "taken") / "runs"}, {},
      "output=<a path under an existing file>", "lies under the file"),

@@ -385,22 +385,11 @@ class RayPressOptunaSearch(OptunaSearch):
         self._state_rows = {}  # rows of the study this replaces
 
 
-_LOCK_TYPE = type(threading.Lock())
-
-
 def _pickle_sampler(sampler) -> bytes:
-    """The sampler's pickle without its thread locks (optuna 5's NSGA-II holds one; a lock cannot be
-    pickled, and a restored sampler gets a fresh one)."""
+    """The sampler's pickle (NSGA-II's thread locks are dropped by its own class, search/nsga2.py)."""
     import pickle
 
-    locks = {k: v for k, v in vars(sampler).items() if isinstance(v, _LOCK_TYPE)}
-    for k in locks:
-        delattr(sampler, k)
-    try:
-        return pickle.dumps((sampler, sorted(locks)))
-    finally:
-        for k, v in locks.items():
-            setattr(sampler, k, v)
+    return pickle.dumps(sampler)
 
 
 def _unpickle_sampler(data: bytes):
@@ -409,7 +398,8 @@ def _unpickle_sampler(data: bytes):
     obj = safe_loads(data, ("optuna.samplers", "optuna.distributions", "optuna.search_space", "raypress.search.tpe",
                             "raypress.search.nsga2"),
                      "the saved Optuna sampler")
-    sampler, locks = obj if isinstance(obj, tuple) else (obj, [])  # states before locks were dropped: bare
+    # states written before nsga2.py: (sampler, names of the locks removed before pickling)
+    sampler, locks = obj if isinstance(obj, tuple) else (obj, [])
     for k in locks:
         setattr(sampler, k, threading.Lock())
     return sampler
