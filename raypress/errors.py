@@ -64,6 +64,10 @@ def os_error(exc: BaseException | None) -> RayPressError | None:
             return RayPressError(f"no space left on the device{what}; free space or point output / "
                                  "database.cache_dir / RAYPRESS_CACHE at a larger disk, then run it again "
                                  "(a search resumes with --resume)")
+        if code == errno.EFBIG:  # a file-size limit (ulimit -f) or the filesystem's largest file (FAT: 4 GiB)
+            return RayPressError(f"no space left for a file that large{what} (a file-size limit or the "
+                                 "filesystem's maximum file size); raise the limit or point output / "
+                                 "database.cache_dir / RAYPRESS_CACHE at another disk, then run it again")
         if code in (errno.EACCES, errno.EPERM, errno.EROFS):
             return RayPressError(f"permission denied{what} ({e.strerror}); pick a folder you can write "
                                  "(output, database.cache_dir, RAYPRESS_CACHE) or fix its permissions")

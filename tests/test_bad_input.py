@@ -464,3 +464,30 @@ def test_catalogue_doc_lists_every_case():
     documented = set(re.findall(r"^\| \d+ \| ([^|]+?) \|", (ROOT / "docs" / "bad_inputs.md").read_text(), re.M))
     missing = sorted(declared - documented)
     assert not missing, f"docs/bad_inputs.md lacks {missing}; regenerate it (RAYPRESS_WRITE_CATALOGUE=1)"
+
+
+_FULL_DISK = """
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+from raypress.cli import main
+sys.exit(main(json.loads(sys.argv[1])))
+"""
+
+
+def test_a_write_that_fails_for_space_is_one_line_and_leaves_no_half_database(tmp_path, wikitext_path):
+    """`raypress build-db` whose database writes fail mid-build (a 64 KiB file-size limit: the write
+    fails as it would on a full disk, deep inside safetensors): one line naming the file and the fix,
+    no traceback, no half-written database folder."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["build-db", *_base(tmp_path, wikitext_path, **{"database.parallel": "false"})]
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, json.dumps(args)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    err = [x for x in out.stderr.splitlines() if x.startswith("raypress: error")]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(err) == 1 and "no space left" in err[0] and "database.cache_dir" in err[0], out.stderr[-2000:]
+    _check_leftovers(tmp_path)
