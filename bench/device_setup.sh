@@ -46,6 +46,26 @@ case "${1:-}" in
       annotated-doc==0.0.7 python-dotenv==1.2.4 pydantic==2.14.4 pydantic-core==2.50.5 \
       annotated-types==0.8.0 typing-inspection==0.4.5
     ls -la .dev/p0 .dev/p1 && du -sh .dev/wh ;;
+  packlite)
+    # for random:<arch> runs only (bench/scale_h200.sh): no SmolLM2 GGUF (98 MB, the bulk of `pack`);
+    # the random models' cache folders (config.json + the default tokenizer) travel ready-made instead,
+    # so two calls stage everything: (1) carry .dev/lite .dev/data: `installlite`; (2) carry .dev/wh: `wheels && ...`
+    w=$(mktemp -d); s=$(mktemp -d)/site; mkdir -p "$s" .dev
+    download "$w" ray==2.60.0 gguf==0.19.0 jsonschema jsonschema-specifications referencing rpds-py
+    for f in "$w"/*.whl; do unzip -q -o "$f" -d "$s"; done
+    rm -rf "$s"/ray/jars "$s"/ray/dashboard/client "$s"/ray/rllib "$s"/ray/serve "$s"/ray/llm
+    rm -rf .dev/lite && mkdir -p .dev/lite .dev/data
+    tar -C "$(dirname "$s")" -cf - site | xz -T2 -6 > .dev/lite/site.tar.xz
+    c=$(mktemp -d)
+    for m in ${RANDOM_MODELS:-random:llama-3-8b random:llama-3.1-70b@8 random:opt-66b@8}; do
+      RAYPRESS_CACHE=$c .venv/bin/python -c "import sys; from raypress.models import _resolve_random; print(_resolve_random(sys.argv[1]))" "$m"
+    done
+    tar -C "$c" -cJf .dev/lite/random.tar.xz random
+    cp ../shared/data/wikitext-2/valid.txt .dev/data/
+    ls -la .dev/lite ;;
+  installlite)
+    mkdir -p /tmp/rpcache && xz -dc .dev/lite/site.tar.xz | tar -x -C /tmp && tar -C /tmp/rpcache -xJf .dev/lite/random.tar.xz
+    PYTHONPATH=/tmp/site python3 -c "import ray; print('ray', ray.__version__)"; ls /tmp/rpcache/random ;;
   piece)
     mkdir -p /tmp/stage && cp "$2"/piece.* /tmp/stage/ && ls -la /tmp/stage ;;
   install)
@@ -55,5 +75,5 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/wh/*.whl
     PYTHONPATH=/tmp/site python3 -c "import ray.tune, mlflow, optuna; print('mlflow', mlflow.__version__, 'optuna', optuna.__version__)" ;;
   *)
-    echo "usage: $0 pack | piece DIR | install | wheels" >&2; exit 2 ;;
+    echo "usage: $0 pack | piece DIR | install | wheels | packlite | installlite" >&2; exit 2 ;;
 esac
