@@ -116,6 +116,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
     if resume:
         out_dir = Path(resume)
         state = read_state(out_dir)
+        check_owner(out_dir, state)  # a copy of another search's folder: refused before anything loads
         run_name = state["run_name"]
     else:
         run_name = cfg.tracking.run_name or default_run_name(cfg)
@@ -135,8 +136,6 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
     _, res = resources(cfg)
 
     uri = (state or {}).get("tracking_uri") or cfg.tracking.uri  # resume: the store the search began in
-    if resume:
-        check_owner(out_dir, state)
     tracker = Tracker(uri, cfg.tracking.experiment, run_name, parent_run_id=parent_run_id,
                       run_id=state and state.get("run_id"))
 
