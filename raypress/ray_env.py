@@ -58,10 +58,7 @@ def _start_embedded_ray(ray) -> None:
         ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING, runtime_env={"env_vars": CPU_ENV}, _temp_dir=os.path.join(_OWN_TEMP, "ray"))
     except BaseException:
-        import shutil
-
-        shutil.rmtree(_OWN_TEMP, ignore_errors=True)
-        _OWN_TEMP = None
+        shutdown_own_ray()  # Ray did not start: only our temp folder to remove
         raise
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = was
