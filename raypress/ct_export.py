@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import RayPressError
-from .export import INFO_FILE, publish
+from .export import INFO_FILE, publish, staging_folder
 
 FORMAT = "compressed-tensors"
 SHARD_BYTES = 4 * 2**30
@@ -121,10 +120,7 @@ def export_compressed_tensors(model, adapter, layer_levels: dict, db, method, ou
                           if k.rsplit(".", 1)[0] not in quantized)
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise RayPressError(f"export folder {out_dir} already exists; choose another --out or pass overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = staging_folder(out_dir, overwrite)
     try:
         tmp.mkdir()
         _save_sharded(state, tmp, save_file)

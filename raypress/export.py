@@ -118,6 +118,16 @@ def base_info(space, cfg: dict, family: str, source: str, method_params=None) ->
     }
 
 
+def staging_folder(out_dir: Path, overwrite: bool) -> Path:
+    """The temporary sibling an export is written to before `publish` renames it to `out_dir`
+    (refused when `out_dir` exists and this is not an overwrite; rundir.check_export_target
+    decides, for the CLI, which folders may be overwritten at all)."""
+    if out_dir.exists() and not overwrite:
+        raise RayPressError(f"export folder {out_dir} already exists; choose another --out or pass overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
 def write_export(model, out_dir, *, tokenizer=None, info: dict | None = None, files: dict[str, str] | None = None,
                  overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Save `model` (+ tokenizer, + raypress.json from `info`, + extra text `files`) as `out_dir`,
@@ -126,10 +136,7 @@ def write_export(model, out_dir, *, tokenizer=None, info: dict | None = None, fi
     (the source checkpoint's, models.checkpoint_dtype; the search works in float32, which would
     double a bf16 model's size); files get the usual umask permissions."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise RayPressError(f"export folder {out_dir} already exists; choose another --out or pass overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = staging_folder(out_dir, overwrite)
     try:
         if dtype is not None:
             model.to(dtype)  # in place: the caller's model is done with (exports load their own copy)

@@ -28,6 +28,7 @@ import torch
 
 from .adapters import (Gemma3Adapter, LlamaAdapter, ModelAdapter, OPTAdapter, get_adapter,  # noqa: F401
                        supported_model_types)
+from . import progress
 from .errors import RayPressError, first_line as _first_line
 from .store import usual_permissions
 
@@ -161,23 +162,6 @@ def _load_gguf(gguf_dir: Path, gguf_file: str):
     return model, tok
 
 
-@contextlib.contextmanager
-def _bars_off_unless_terminal():
-    """transformers' own tqdm bars (GGUF de-quantizing) ignore TQDM_DISABLE: off when stderr is a log."""
-    import sys
-
-    from transformers.utils import logging as tf_logging
-
-    was = tf_logging.is_progress_bar_enabled()
-    if was and not sys.stderr.isatty():
-        tf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tf_logging.enable_progress_bar()
-
-
 def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, label: str, loader=None) -> Path:
     """GGUF -> float32 HF safetensors folder at `target`, written to a temp dir then renamed.
 
@@ -192,7 +176,7 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, label: str, load
         log.info("converting %s (%s) to a safetensors folder in %s (one time)", label, gguf_file, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            with _bars_off_unless_terminal():
+            with progress.library_bars_off_unless_terminal():
                 model, tok = (loader or _load_gguf)(gguf_dir, gguf_file)
             model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))

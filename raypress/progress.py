@@ -7,6 +7,7 @@ line at most every EVERY_S seconds (and at the end) on the "raypress.progress" l
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -63,3 +64,18 @@ def steps(total: int, desc: str, unit: str, enabled: bool = True, every_s: float
 
         return tqdm(total=total, desc=desc, unit=unit)
     return _Lines(total, desc, unit, every_s)
+
+
+@contextlib.contextmanager
+def library_bars_off_unless_terminal():
+    """transformers' own tqdm bars (e.g. GGUF de-quantizing) ignore TQDM_DISABLE: off while stderr is a log."""
+    from transformers.utils import logging as tf_logging
+
+    was = tf_logging.is_progress_bar_enabled()
+    if was and not sys.stderr.isatty():
+        tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tf_logging.enable_progress_bar()

@@ -49,7 +49,9 @@ def _start_embedded_ray(ray) -> None:
     # embedded default: token auth stays on (Ray's safe default), its warning on every start does not
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     _OWN_TEMP = tempfile.mkdtemp(prefix="raypress-ray-")
-    atexit.register(shutdown_own_ray)  # library callers and jobs that never reach the CLI's cleanup
+    # library callers and jobs that never reach the CLI's cleanup; once, however often Ray restarts
+    atexit.unregister(shutdown_own_ray)
+    atexit.register(shutdown_own_ray)
     was = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init picks the node IP: loopback
     try:

@@ -16,6 +16,8 @@ METHODS: dict[str, str] = {
     "wanda": "raypress.compress.sparsity:Wanda",
     "gptq": "raypress.compress.quant:GPTQ",
     "rtn": "raypress.compress.quant:RTN",
+    "sparsegpt-gptq": "raypress.compress.joint:SparseGPTQ",
+    "magnitude-rtn": "raypress.compress.joint:MagnitudeRTN",
 }
 
 

@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "quant": "raypress.families.quant:QuantFamily",
     "depth": "raypress.families.depth:DepthFamily",
     "width": "raypress.families.width:WidthFamily",
+    "joint": "raypress.families.joint:JointFamily",
 }
 _INSTANCES: dict[str, Family] = {}
 
