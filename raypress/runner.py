@@ -206,18 +206,17 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         logging.getLogger("raypress.progress").info(
             "  held-out evaluation: dense, uniform and the result on %s tokens (%s), then both on the monitor batch",
             f"{splits.eval.size:,}", describe_source(cfg.data.source))
-        actor = ray.remote(Evaluator).options(num_cpus=res["cpu"], num_gpus=res.get("gpu", 0)).remote(spec)
+        run, close = final_evaluator(spec, res)
         progress = logging.getLogger("raypress.progress")
-        ppl_dense = ray.get(actor.perplexity.remote({}))
+        ppl_dense = run("perplexity", {})
         progress.info("  held-out perplexity: dense %.2f", ppl_dense)
-        ppl_uniform, kl_uniform = ray.get(actor.heldout.remote(uniform))
+        ppl_uniform, kl_uniform = run("heldout", uniform)
         progress.info("  held-out perplexity: uniform %.2f", ppl_uniform)
-        ppl_best, kl_best = ray.get(actor.heldout.remote(best))
+        ppl_best, kl_best = run("heldout", best)
         monitor = {"n_tokens": cfg.searcher.stages[-1][0], "seed": cfg.searcher.seed,
                    "generation": trial.MONITOR_GENERATION, "stage": 0}
-        kl_mon_uniform, kl_mon_best = (r["fitness"] for r in ray.get(
-            [actor.score.remote(uniform, **monitor), actor.score.remote(best, **monitor)]))
-        ray.kill(actor)
+        kl_mon_uniform, kl_mon_best = (run("score", c, **monitor)["fitness"] for c in (uniform, best))
+        close()
         result = SearchResult(
             run_name=run_name,
             best_config=best,
@@ -244,6 +243,21 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         )
         _report(tracker, cfg, space, result, out_dir)
     return result
+
+
+def final_evaluator(spec: EvaluatorSpec, res: dict):
+    """(run(method, *args, **kw), close) of the Evaluator that measures a search's final numbers.
+
+    On a GPU cluster, or when Ray spans several nodes, an evaluator actor (placed like the search's).
+    On a one-node CPU-only Ray it runs in this process: an actor would live on this same machine with
+    the same memory, but start a process and import torch again (~5 s of a small search)."""
+    import ray
+
+    if res.get("gpu") or len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        actor = ray.remote(Evaluator).options(num_cpus=res["cpu"], num_gpus=res.get("gpu", 0)).remote(spec)
+        return (lambda name, *a, **kw: ray.get(getattr(actor, name).remote(*a, **kw))), (lambda: ray.kill(actor))
+    local = Evaluator(spec)
+    return (lambda name, *a, **kw: getattr(local, name)(*a, **kw)), (lambda: None)
 
 
 def search_curves(name: str, history: list) -> tuple[dict, dict]:
