@@ -130,7 +130,8 @@ def cmd_export(args) -> int:
     from .rundir import export_run
 
     sizes: dict = {}
-    out = export_run(args.run_dir, args.out, overwrite=args.overwrite, fmt=args.format, report=sizes)
+    out = export_run(args.run_dir, args.out, overwrite=args.overwrite, fmt=args.format, report=sizes,
+                     budget=args.budget)
     if sizes:
         q, d = sizes["quantized_bytes_predicted"], sizes["dense_bytes"]
         print(f"{args.format}: {sizes['bytes'] / 2**20:.2f} MiB of safetensors (packed arithmetic: quantized layers "
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="hf", choices=("hf", "compressed-tensors"),
                    help="hf: a plain Hugging Face folder (default); compressed-tensors: packed integer weights, "
                         "one config group per bitwidth (quant searches; vLLM loads it)")
+    e.add_argument("--budget", help="a pareto search (joint family): export the front point with the best held-out "
+                                    "perplexity that fits this size, e.g. 60MB, 57.2MiB or 60000000 (bytes of the "
+                                    "compressed layers)")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("eval", help="held-out perplexity of a model: an export, any HF folder, or a model spec",
                        description="Perplexity on the held-out split a search reports: the last n_eval x seq_len "

@@ -51,6 +51,8 @@ class SearcherConfig:
     # EvoPress: score the elite on one fixed batch (the last stage's size) every N generations, the
     # curve that shows progress (`elite_kl_monitor`); 0: never
     monitor_every: int = 5
+    # pareto: the budgets (targets) of the front; null: 8 evenly spaced up to `target`
+    budgets: list | None = None
     seed: int = 0
 
 
@@ -242,6 +244,15 @@ def validate(cfg: Config) -> Config:
     if cfg.searcher.monitor_every < 0:
         raise RayPressError(f"searcher.monitor_every must be >= 0 (generations between monitor scores; 0: never), "
                             f"got {cfg.searcher.monitor_every}")
+    b = cfg.searcher.budgets
+    if b is not None:
+        if not (isinstance(b, list) and len(b) >= 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            and math.isfinite(x) for x in b)):
+            raise RayPressError(f"searcher.budgets must list at least two numbers (the targets of a pareto front), "
+                                f"got {b!r}; e.g. [3.2, 4.0, 5.6]")
+        if cfg.searcher.name != "pareto":
+            raise RayPressError(f"searcher.budgets is read by the pareto searcher only; set searcher.name=pareto "
+                                f"or remove it")
     for key, seed in (("searcher.seed", cfg.searcher.seed), ("data.seed", cfg.data.seed)):
         if not 0 <= seed < 2**32:
             raise RayPressError(f"{key} must be in [0, 2^32), got {seed}")

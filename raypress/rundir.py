@@ -124,14 +124,56 @@ def check_export_target(out_dir, overwrite: bool, run_dir, model_spec: str) -> N
                                 f"{INFO_FILE}); choose another --out")
 
 
-def export_run(run_dir, out_dir, overwrite: bool = False, fmt: str = "hf", report: dict | None = None) -> Path:
+def parse_size(text) -> int:
+    """Bytes of '3.2GB', '800MiB', '123456' (decimal and binary units)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?)?[bB]?\s*", str(text))
+    if not m:
+        raise RayPressError(f"--budget {text!r} is not a size; give bytes, e.g. 60MB, 57.2MiB or 60000000")
+    unit = (m.group(2) or "").lower()
+    base = 1024 if unit.endswith("i") else 1000
+    return int(float(m.group(1)) * base ** ("kmgt".index(unit[0]) + 1 if unit else 0))
+
+
+def front_point(run_dir, budget) -> dict:
+    """The pareto.json point a `--budget` export takes: the best held-out perplexity among the points
+    whose bytes fit the budget."""
+    import json
+
+    from .pareto_report import FILE
+
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        raise RayPressError(f"{run_dir} has no {FILE}: --budget picks a point of a pareto search's front "
+                            "(searcher.name=pareto); export this search without --budget")
+    doc = json.loads(path.read_text())
+    pts = [p for p in doc["points"] if "bytes" in p]
+    if not pts:
+        raise RayPressError(f"the front in {path} is in {doc.get('value_kind')}, not bytes; --budget needs a joint "
+                            "(bytes) front; export without --budget")
+    limit = parse_size(budget)
+    fits = [p for p in pts if p["bytes"] <= limit]
+    if not fits:
+        small = min(pts, key=lambda p: p["bytes"])
+        raise RayPressError(f"no point of the front fits {limit:,} bytes (the smallest is {small['bytes']:,} bytes at "
+                            f"{small['value']:g} bits per weight); raise --budget")
+    return min(fits, key=lambda p: p["ppl"])
+
+
+def export_run(run_dir, out_dir, overwrite: bool = False, fmt: str = "hf", report: dict | None = None,
+               budget=None) -> Path:
     """Write the best config of a finished search as a Hugging Face folder (its family's export), or
-    in a serving format the family writes (`fmt`, e.g. compressed-tensors; `report` gets its sizes)."""
+    in a serving format the family writes (`fmt`, e.g. compressed-tensors; `report` gets its sizes).
+    budget: bytes (or '60MB'): a pareto search's best front point that fits (pareto.json)."""
+    import dataclasses
+
     from .data import load_tokens, make_splits
     from .families import get_family
     from .models import get_adapter, load_model
 
     cfg, best = load_run(run_dir)
+    point = front_point(run_dir, budget) if budget is not None else None
     check_export_target(out_dir, overwrite, run_dir, cfg.model)
     family = get_family(cfg.family)
     if fmt not in family.formats:
@@ -143,6 +185,12 @@ def export_run(run_dir, out_dir, overwrite: bool = False, fmt: str = "hf", repor
                          cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
     prep = family.prepare(cfg, model, adapter, splits.calib, serve=False)
     info = {"search_dir": str(Path(run_dir).resolve())}
+    if point is not None:  # a front point: its own budget's space
+        from .search.pareto import at_target
+
+        prep = dataclasses.replace(prep, space=at_target(prep.space, point["budget"]))
+        best = point["config"]
+        info["front_point"] = {k: v for k, v in point.items() if k != "config"}
     if fmt != "hf":
         out, sizes = family.export_as(fmt, model, adapter, best, prep, out_dir, tokenizer=tok, source=cfg.model,
                                       overwrite=overwrite, extra_info=info)

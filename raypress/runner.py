@@ -191,7 +191,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             if cfg.searcher.init != registry.DEFAULT_INIT:  # a warm start from a schedule, for any searcher
                 initial = family.schedule(cfg.searcher.init, cfg, prep, model, adapter, splits.calib)
             searcher = info.build(cfg, space, initial, state.get("searcher") if state else None)
-            cbs = [generation_logger(searcher, tracker, t_search, info.total_evaluations(cfg),
+            cbs = [generation_logger(searcher, tracker, t_search,
+                                     getattr(searcher, "total_evaluations", None) or info.total_evaluations(cfg),
                                      cfg.searcher.generations if info.generational else None),
                    state_saver(searcher, state_file, base)]
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"
@@ -216,6 +217,10 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         monitor = {"n_tokens": cfg.searcher.stages[-1][0], "seed": cfg.searcher.seed,
                    "generation": trial.MONITOR_GENERATION, "stage": 0}
         kl_mon_uniform, kl_mon_best = (run("score", c, **monitor)["fitness"] for c in (uniform, best))
+        if info.front:
+            from .pareto_report import report_front
+
+            report_front(run, searcher, family, tracker, out_dir, f"{run_name}: held-out perplexity vs size")
         close()
         result = SearchResult(
             run_name=run_name,

@@ -37,6 +37,9 @@ def progress_line(h: dict, total_evals: int, generations: int | None, elapsed: f
     done = int(h.get("evaluations", 0))
     where = (f"gen {int(h.get('generation', 0)) + 1}/{generations}" if generations
              else f"eval {done}/{total_evals}")
+    if "budget" in h:  # a pareto search: one EvoPress generation of one budget
+        where = f"budget {h['budget']:g} gen {int(h.get('generation', 0)) + 1}/{h.get('generations', '?')}"
+        generations = generations or h.get("generations")
     rate = done / max(elapsed, 1e-9)
     eta = (total_evals - done) / rate if rate > 0 and total_evals > done else 0.0
     monitor = f"  elite KL (monitor) {h['elite_kl_monitor']:.4f}" if "elite_kl_monitor" in h else ""
@@ -61,6 +64,9 @@ METRIC_NAMES = {
 
 def history_metrics(h: dict, generational: bool) -> dict:
     """A history entry as the MLflow metrics the README explains."""
+    if "budget" in h:  # a pareto search: each budget's evolution has its own curves
+        return {f"{v}_at_{h['budget']:g}": h[k] for k, v in METRIC_NAMES[True].items() if k in h} | {
+            k: h[k] for k in ("evaluations", "tokens") if k in h}
     names = METRIC_NAMES[generational]
     m = {names[k]: h[k] for k in names if k in h}
     m.update({k: h[k] for k in ("evaluations", "tokens") if k in h})

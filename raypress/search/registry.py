@@ -34,6 +34,7 @@ class SearcherInfo:
     sequential: bool = False
     resumable: bool = False
     generational: bool = False
+    front: bool = False  # searches several budgets (searcher.budgets): the runner writes pareto.json
     builder: str | None = None  # "module:function" (name, cfg, space, initial, state) -> Searcher
     summary: str = ""
 
@@ -49,6 +50,8 @@ class SearcherInfo:
 SEARCHERS: dict[str, SearcherInfo] = {s.name: s for s in (
     SearcherInfo("evopress", batched=True, resumable=True, generational=True, builder="raypress.search.evolution:build",
                  summary="EvoPress: level-switch mutations + multi-step selection"),
+    SearcherInfo("pareto", resumable=True, front=True, builder="raypress.search.pareto:build",
+                 summary="the quality-size front: an EvoPress search per budget of searcher.budgets, side by side"),
     SearcherInfo("random", batched=True, resumable=True, builder="raypress.search.random:build",
                  summary="random feasible configs"),
     SearcherInfo("tpe", sequential=True, resumable=True, builder="raypress.search.optuna:build",
@@ -108,3 +111,7 @@ def check(cfg, family, space, name: str | None = None) -> None:
         raise RayPressError(f"the {info.name} schedule is not offered by family {family.name} (it offers "
                             f"{', '.join(family.schedules)}); pick one of those or a search")
     space.require_reachable()
+    if info.front:  # every budget of the front: reachable (the verdict, quoted) before anything is built
+        from .pareto import resolve_budgets
+
+        resolve_budgets(cfg, space)
