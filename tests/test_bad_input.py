@@ -125,6 +125,14 @@ CONFIG_CASES = [
      "searcher.stages must list at least one"),
     ("negative monitor interval", None, ["searcher.monitor_every=-1"], "--set searcher.monitor_every=-1",
      "searcher.monitor_every must be >= 0"),
+    ("joint levels not pairs", None, ["family=joint", "method=magnitude-rtn", "levels=[0.5, 4]"],
+     "--set family=joint --set levels=[0.5, 4]", "joint levels must be [sparsity, bits] pairs"),
+    ("joint level with 12 bits", None, ["family=joint", "method=magnitude-rtn", "levels=[[0.5, 12]]"],
+     "--set family=joint --set levels=[[0.5, 12]]", "bits must be an integer in 1..8, or 16"),
+    ("budgets for a single-budget searcher", None, ["searcher.budgets=[0.5, 0.6]"],
+     "--set searcher.budgets=[0.5, 0.6] (searcher evopress)", "read by the pareto searcher only"),
+    ("one budget for a front", None, ["searcher.name=pareto", "searcher.budgets=[0.5]"],
+     "--set searcher.name=pareto --set searcher.budgets=[0.5]", "searcher.budgets must list at least two numbers"),
 ]
 
 
@@ -194,6 +202,8 @@ RUN_CASES = [
     ("bad level ladder", lambda t: {"levels": "[0.5, 0.2]"}, {}, "levels=[0.5, 0.2]", "strictly ascending"),
     ("infeasible budget", lambda t: {"target": 0.95}, {}, "target=0.95, levels up to 0.9",
      "is outside what levels"),
+    ("unreachable budget of a front", lambda t: {"searcher.name": "pareto", "searcher.budgets": "[0.5, 0.95]"}, {},
+     "searcher.name=pareto, searcher.budgets=[0.5, 0.95]", "searcher.budgets: target 0.95 is outside"),
     ("ladder cannot reach the budget", lambda t: {"target": 0.55, "levels": "[0.0, 0.4, 0.8]"}, {},
      "target=0.55 with levels [0, 0.4, 0.8]", "is not reachable exactly with levels"),
     ("empty corpus", lambda t: {"data.source": _bad_corpus(t, "")}, {}, "an empty text file",
