@@ -55,8 +55,8 @@ def _starts(cfg, space, info) -> str:
     what = f"starts: exact budget {space.budget} over {len(space.layers)} units"
     if info.one_shot:
         return what + " (one-shot schedule)"
-    if info.name == "evopress":
-        return what + f" ({registry.evolution_budget(cfg.searcher)} evaluations)"
+    if info.generational or info.front:  # evolutions: their own count (a front: one per budget)
+        return what + f" ({info.total_evaluations(cfg)} evaluations)"
     evals, tokens = registry.evaluation_budget(cfg)
     return what + f" ({evals} evaluations x {tokens} tokens)"
 

@@ -10,6 +10,7 @@ from ray.tune.search import Searcher
 
 from raypress.config import load_config
 from raypress.search import SEARCHERS, evaluation_budget, evolution_budget
+from raypress.search.pareto import at_target
 from raypress.space import SearchSpace
 from raypress.trial import TOKENS, split
 
@@ -39,7 +40,8 @@ def _drive(s, space, n, log, start=0):
         if cfg is None or cfg == Searcher.FINISHED:
             return False
         levels, meta = split(cfg)
-        assert space.is_feasible(levels) and meta[TOKENS] > 0
+        spaces = [at_target(space, b) for b in s.budgets] if hasattr(s, "budgets") else [space]  # a front: any budget
+        assert any(sp.is_feasible(levels) for sp in spaces) and meta[TOKENS] > 0
         log.append(levels)
         s.on_trial_complete(f"t{t}", {"fitness": _f(levels), "tokens": meta[TOKENS]})
     return True

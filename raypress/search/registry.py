@@ -40,6 +40,10 @@ class SearcherInfo:
 
     def total_evaluations(self, cfg) -> int:
         """Candidate evaluations this searcher will spend on cfg (the progress lines' denominator)."""
+        if self.front:  # an evolution per budget (the default budgets: at most pareto.DEFAULT_POINTS)
+            from .pareto import DEFAULT_POINTS
+
+            return len(cfg.searcher.budgets or range(DEFAULT_POINTS)) * evolution_budget(cfg.searcher)
         return evolution_budget(cfg.searcher) if self.generational else evaluation_budget(cfg)[0]
 
     def build(self, cfg, space, initial=None, state=None):
