@@ -10,6 +10,7 @@ evaluator actor; everything is logged to MLflow and the run folder.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import logging
 import time
@@ -188,7 +189,10 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             best = family.schedule(info.name, cfg, prep, model, adapter, splits.calib)
         else:
             initial = family.start(prep)
-            if cfg.searcher.init != registry.DEFAULT_INIT:  # a warm start from a schedule, for any searcher
+            if cfg.searcher.init != registry.DEFAULT_INIT and info.front:  # every budget from its own schedule
+                initial = lambda sp: family.schedule(cfg.searcher.init, cfg, dataclasses.replace(prep, space=sp),  # noqa: E731
+                                                     model, adapter, splits.calib)
+            elif cfg.searcher.init != registry.DEFAULT_INIT:  # a warm start from a schedule, for any searcher
                 initial = family.schedule(cfg.searcher.init, cfg, prep, model, adapter, splits.calib)
             searcher = info.build(cfg, space, initial, state.get("searcher") if state else None)
             cbs = [generation_logger(searcher, tracker, t_search,

@@ -95,3 +95,28 @@ def test_front_points_are_the_per_budget_searches_and_export_picks_by_bytes(tmp_
     assert resumed.evaluations == r.evaluations
     again = json.loads((stopped / "pareto.json").read_text())["points"]
     assert [p["config"] for p in again] == [p["config"] for p in pts]
+
+
+def test_each_budget_starts_from_its_own_schedule():
+    """searcher.init with pareto: the runner hands a function of the budget's space, so every budget
+    starts from its own schedule (not only the target's)."""
+    import numpy as np
+
+    from raypress.search.pareto import build
+    from raypress.space import SearchSpace
+
+    sizes = [300, 100, 100, 300, 800, 800, 400] * 2
+    space = SearchSpace.from_values([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], 0.4,
+                                    layers=[f"l{i}" for i in range(len(sizes))], n_params=sizes)
+    cfg = load_config(None, ["searcher.name=pareto", "searcher.budgets=[0.2, 0.4]", "searcher.stages=[[128, 2], [256, 1]]",
+                             "data.seq_len=64", "data.n_calib=8"])
+    starts = {}
+
+    def initial(sp):
+        starts[sp.target] = sp.random_feasible(np.random.default_rng(int(sp.target * 10)))
+        return starts[sp.target]
+
+    s = build("pareto", cfg, space, initial)
+    assert [float(sub.space.target) for sub in s.subs] == [0.2, 0.4]
+    for sub in s.subs:
+        assert sub.space.array_to_config(sub.parent) == starts[sub.space.target] != sub.space.uniform()

@@ -178,12 +178,16 @@ class ParetoSearcher(Searcher):
 
 
 def build(name, cfg, space, initial=None, state=None) -> ParetoSearcher:
-    """The registry's builder: every budget an EvoPress search of cfg.searcher (each from its own
-    uniform mix: a warm start from `initial` belongs to the target's budget only)."""
+    """The registry's builder: every budget an EvoPress search of cfg.searcher, from its uniform mix or
+    (searcher.init) from `initial(space_of_that_budget)`, the runner's schedule at that budget; a plain
+    config as `initial` starts the target's budget only."""
     budgets = resolve_budgets(cfg, space)
 
     def make(sp):
-        start = initial if initial is not None and float(sp.target) == float(space.target) else None
+        if callable(initial):
+            start = initial(sp)
+        else:
+            start = initial if initial is not None and float(sp.target) == float(space.target) else None
         return build_evolution("evopress", cfg, sp, start, None)
 
     searcher = ParetoSearcher(space, budgets, make)
