@@ -200,7 +200,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
                                      cfg.searcher.generations if info.generational else None),
                    state_saver(searcher, state_file, base)]
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"
-            run_tune(cfg, info, spec, searcher, space, cbs + list(callbacks or []), name)
+            if not getattr(searcher, "finished", False):  # a resume after the last evaluation: nothing to tune
+                run_tune(cfg, info, spec, searcher, space, cbs + list(callbacks or []), name)
             best, best_fitness = searcher.best_config, searcher.best_fitness
             history = list(searcher.history)
             evaluations = history[-1]["evaluations"] if history else 0
