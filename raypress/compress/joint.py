@@ -33,7 +33,7 @@ import math
 import torch
 
 from raypress.compress.base import CompressionMethod, torch_threads
-from raypress.compress.quant import _round_up_fp16
+from raypress.compress.quant import find_params
 from raypress.compress.sparsity import SparseGPT, _n_prune, _smallest_mask
 from raypress.errors import RayPressError
 
@@ -83,20 +83,10 @@ def check_pairs(levels, group_size: int | None) -> list[tuple[float, int]]:
 
 
 def _grid(blk: torch.Tensor, maxq: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column scale and zero [R] of `blk` [group, R] (columns = stacked rows of the weight),
-    each with its own grid size maxq [R]: quant.find_params, transposed and with a per-row maxq."""
-    zeros_ = torch.zeros(blk.shape[1], device=blk.device)
-    xmin = torch.minimum(blk.min(dim=0).values, zeros_)
-    xmax = torch.maximum(blk.max(dim=0).values, zeros_)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    dead = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(dead, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
-    scale = _round_up_fp16((xmax - xmin) / maxq)
-    zero = torch.floor((maxq + 1) / 2) if sym else torch.round(-xmin / scale).clamp(min=0).minimum(maxq)
-    return scale, zero
+    """Per-column scale and zero [R] of `blk` [group, R] (columns = stacked rows of the weight), each
+    with its own grid size maxq [R]: quant.find_params on the transpose."""
+    scale, zero = find_params(blk.t(), 0, sym, maxq=maxq)
+    return scale[:, 0], zero[:, 0]
 
 
 def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:

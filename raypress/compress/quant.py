@@ -68,9 +68,10 @@ def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
     return h.float()
 
 
-def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and zero [rows, 1] (float32, scale float16-representable) for block `w`."""
-    maxq = 2**bits - 1
+def find_params(w: torch.Tensor, bits: int, sym: bool, maxq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero [rows, 1] (float32, scale float16-representable) for block `w`.
+    maxq: per-row grid sizes [rows] instead of 2**bits - 1 (joint levels stack rows of several bitwidths)."""
+    maxq = 2**bits - 1 if maxq is None else maxq
     w = w.float()
     zeros_ = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zeros_)
@@ -83,9 +84,10 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
     scale = _round_up_fp16((xmax - xmin) / maxq)
     if sym:
-        zero = torch.full_like(scale, (maxq + 1) / 2)
+        zero = torch.ones_like(scale) * ((maxq + 1) / 2)  # maxq is odd: a whole number
     else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
+        zero = torch.minimum(torch.round(-xmin / scale).clamp(min=0), torch.as_tensor(maxq, dtype=scale.dtype,
+                                                                                      device=scale.device))
     return scale.unsqueeze(1), zero.unsqueeze(1)
 
 

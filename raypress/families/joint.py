@@ -10,7 +10,6 @@ combined with packed integers, so there is no serving export yet).
 """
 from __future__ import annotations
 
-from ..errors import RayPressError
 from .weights import WeightFamily
 
 
@@ -22,9 +21,7 @@ class JointFamily(WeightFamily):
     value_kind = "bits_per_weight"
 
     def method_kwargs(self, cfg) -> dict:
-        if not isinstance(cfg.database.symmetric, bool):
-            raise RayPressError(f"database.symmetric must be true or false, got {cfg.database.symmetric!r}")
-        return {"levels": cfg.levels, "group_size": cfg.database.group_size, "sym": cfg.database.symmetric}
+        return {"levels": cfg.levels, **self.grid_kwargs(cfg)}
 
     def dense_levels(self, db) -> dict[str, int]:
         pairs = [tuple(p) for p in ((db.meta.get("method") or {}).get("levels") or [])]

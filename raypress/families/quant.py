@@ -17,11 +17,7 @@ class QuantFamily(WeightFamily):
     value_kind = "bits"
 
     def method_kwargs(self, cfg) -> dict:
-        if not isinstance(cfg.database.symmetric, bool):
-            from ..errors import RayPressError
-
-            raise RayPressError(f"database.symmetric must be true or false, got {cfg.database.symmetric!r}")
-        kw = {"group_size": cfg.database.group_size, "sym": cfg.database.symmetric}
+        kw = self.grid_kwargs(cfg)
         if cfg.levels is not None:
             kw["bits"] = cfg.levels
         return kw

@@ -56,6 +56,13 @@ class WeightFamily(Family):
     def method_kwargs(self, cfg) -> dict:
         return {} if cfg.levels is None else {"levels": cfg.levels}
 
+    @staticmethod
+    def grid_kwargs(cfg) -> dict:
+        """Quantization grid settings of the families that quantize (quant, joint)."""
+        if not isinstance(cfg.database.symmetric, bool):
+            raise RayPressError(f"database.symmetric must be true or false, got {cfg.database.symmetric!r}")
+        return {"group_size": cfg.database.group_size, "sym": cfg.database.symmetric}
+
     def check_config(self, cfg, explicit=None) -> None:
         super().check_config(cfg, explicit)
         self.method(cfg)  # the method validates its ladder and options (one-line errors)
