@@ -189,11 +189,13 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             best = family.schedule(info.name, cfg, prep, model, adapter, splits.calib)
         else:
             initial = family.start(prep)
-            if cfg.searcher.init != registry.DEFAULT_INIT and info.front:  # every budget from its own schedule
-                initial = lambda sp: family.schedule(cfg.searcher.init, cfg, dataclasses.replace(prep, space=sp),  # noqa: E731
-                                                     model, adapter, splits.calib)
-            elif cfg.searcher.init != registry.DEFAULT_INIT:  # a warm start from a schedule, for any searcher
-                initial = family.schedule(cfg.searcher.init, cfg, prep, model, adapter, splits.calib)
+            if cfg.searcher.init != registry.DEFAULT_INIT:  # a warm start from a schedule, for any searcher
+                def schedule_at(sp):
+                    return family.schedule(cfg.searcher.init, cfg, dataclasses.replace(prep, space=sp), model,
+                                           adapter, splits.calib)
+
+                # a front starts every budget from the schedule at that budget
+                initial = schedule_at if info.front else schedule_at(space)
             searcher = info.build(cfg, space, initial, state.get("searcher") if state else None)
             cbs = [generation_logger(searcher, tracker, t_search,
                                      getattr(searcher, "total_evaluations", None) or info.total_evaluations(cfg),

@@ -19,7 +19,7 @@ from ray.tune.search import Searcher
 
 from ..errors import RayPressError
 from ..space import SearchSpace
-from .base import _num
+from .base import RayPressSearcher, _num
 from .evolution import build as build_evolution
 
 DEFAULT_POINTS = 8
@@ -159,22 +159,9 @@ class ParetoSearcher(Searcher):
         self.history = [dict(h) for h in state.get("history", [])]
         self._sent = int(state.get("history_sent", len(self.history)))
 
-
-    def save(self, checkpoint_path) -> None:  # Tune's searcher checkpoint (RayPress resumes from its own state file)
-        import json
-        import os
-        from pathlib import Path
-
-        path = Path(checkpoint_path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.get_state()))
-        os.replace(tmp, path)
-
-    def restore(self, checkpoint_path) -> None:
-        import json
-        from pathlib import Path
-
-        self.set_state(json.loads(Path(checkpoint_path).read_text()))
+    # Tune's searcher checkpoint: the same JSON state file as RayPress's own searchers
+    save = RayPressSearcher.save
+    restore = RayPressSearcher.restore
 
 
 def build(name, cfg, space, initial=None, state=None) -> ParetoSearcher:
