@@ -250,7 +250,7 @@ def validate(cfg: Config) -> Config:
                                                             and math.isfinite(x) for x in b)):
             raise RayPressError(f"searcher.budgets must list at least two numbers (the targets of a pareto front), "
                                 f"got {b!r}; e.g. [3.2, 4.0, 5.6]")
-        if cfg.searcher.name != "pareto":
+        if not get_searcher(cfg.searcher.name).front:
             raise RayPressError(f"searcher.budgets is read by the pareto searcher only; set searcher.name=pareto "
                                 f"or remove it")
     for key, seed in (("searcher.seed", cfg.searcher.seed), ("data.seed", cfg.data.seed)):

@@ -197,8 +197,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
                 # a front starts every budget from the schedule at that budget
                 initial = schedule_at if info.front else schedule_at(space)
             searcher = info.build(cfg, space, initial, state.get("searcher") if state else None)
-            cbs = [generation_logger(searcher, tracker, t_search,
-                                     getattr(searcher, "total_evaluations", None) or info.total_evaluations(cfg),
+            cbs = [generation_logger(searcher, tracker, t_search, info.total_evaluations(cfg),
                                      cfg.searcher.generations if info.generational else None),
                    state_saver(searcher, state_file, base)]
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"

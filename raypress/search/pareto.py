@@ -178,9 +178,6 @@ def build(name, cfg, space, initial=None, state=None) -> ParetoSearcher:
         return build_evolution("evopress", cfg, sp, start, None)
 
     searcher = ParetoSearcher(space, budgets, make)
-    from .registry import evolution_budget
-
-    searcher.total_evaluations = len(budgets) * evolution_budget(cfg.searcher)  # the progress lines' denominator
     if state is not None:
         searcher.set_state(state)
     return searcher
