@@ -53,9 +53,9 @@ def resolve_budgets(cfg, space: SearchSpace) -> list[float]:
         b = float(x) if v.ok else float(v.nearest[0])
         if b not in out and at_target(space, b).verdict().ok:
             out.append(b)
-    if len(out) < 2:
-        raise RayPressError(f"the ladder reaches only {out} between {lo:g} and the target {hi:g}; a front needs a "
-                            "wider range: raise target or give searcher.budgets")
+    if len(out) < 2:  # target at (or next to) the cheapest reachable value: nothing to trade off
+        raise RayPressError(f"a front needs at least 2 budgets, and between the ladder's cheapest reachable value "
+                            f"{lo:g} and the target {hi:g} there is only {out}: raise target or give searcher.budgets")
     return sorted(out)
 
 
