@@ -112,6 +112,9 @@ class Config:
     levels: list | None = None  # level ladder (values); None = the method's default
     units: str = "linear"  # weight families: linear (every layer its own level) | fused (q/k/v, gate/up share one)
     target: float = 0.6
+    # joint: the budget as bytes of the compressed layers ("55MB", 55000000) or a share of their fp16
+    # size ("25%"); it sets `target` (bits per weight), and string entries of searcher.budgets likewise
+    target_bytes: str | int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     searcher: SearcherConfig = field(default_factory=SearcherConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)

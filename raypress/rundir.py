@@ -124,13 +124,13 @@ def check_export_target(out_dir, overwrite: bool, run_dir, model_spec: str) -> N
                                 f"{INFO_FILE}); choose another --out")
 
 
-def parse_size(text) -> int:
+def parse_size(text, what: str = "--budget") -> int:
     """Bytes of '3.2GB', '800MiB', '123456' (decimal and binary units)."""
     import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?)?[bB]?\s*", str(text))
     if not m:
-        raise RayPressError(f"--budget {text!r} is not a size; give bytes, e.g. 60MB, 57.2MiB or 60000000")
+        raise RayPressError(f"{what} {text!r} is not a size; give bytes, e.g. 60MB, 57.2MiB or 60000000")
     unit = (m.group(2) or "").lower()
     base = 1024 if unit.endswith("i") else 1000
     return int(float(m.group(1)) * base ** ("kmgt".index(unit[0]) + 1 if unit else 0))

@@ -141,3 +141,29 @@ def test_joint_search_end_to_end_then_export(tmp_path, ray_session, wikitext_pat
         if b < 16:
             assert len(torch.unique(Q[0, :GS])) <= 2**b, (layer, pair)
     assert len(seen) > 1  # a non-uniform mix
+
+
+def test_target_bytes_is_a_share_of_fp16_or_bytes_and_names_itself_in_refusals():
+    """`target_bytes` (and string entries of searcher.budgets) become stored bits per weight of the
+    compressed layers: a share of their fp16 size, or bytes over their weight count (SmolLM2's linear
+    layers: 106,168,320 weights); a budget the ladder cannot reach says what it was converted to."""
+    from raypress.config import load_config
+    from raypress.families import get_family
+    from raypress.models import get_adapter, meta_model
+    from raypress.search import check
+
+    yaml = "search_spaces/smollm2_joint.yaml"
+    assert load_config(yaml, ["target_bytes=25%"]).target == 4.0
+    cfg = load_config(yaml, ["target_bytes=53084160", "searcher.name=pareto", "searcher.budgets=[20%, 35%, 4.5]"])
+    assert cfg.target == pytest.approx(4.0) and cfg.searcher.budgets == [3.2, 5.6, 4.5]
+    for bad, msg in (("lots", "is not a size"), ("0%", "not a share of the fp16 size"), ("120%", "not a share")):
+        with pytest.raises(RayPressError, match=msg):
+            load_config(yaml, [f"target_bytes={bad}"])
+    with pytest.raises(RayPressError, match="'target_bytes' is not used by family sparsity"):
+        load_config("search_spaces/smollm2_sparsity.yaml", ["target_bytes=25%"])
+    cfg = load_config(yaml, ["target_bytes=20MB"])  # 1.507 bits: below the ladder's 2-bit floor
+    family = get_family("joint")
+    space = family.space(cfg, get_adapter(meta_model(cfg.model)))
+    with pytest.raises(RayPressError) as e:
+        check(cfg, family, space)
+    assert str(e.value) == f"target_bytes 20MB is 1.50704 stored bits per weight: {space.verdict().message}"

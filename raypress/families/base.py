@@ -27,7 +27,7 @@ from ..errors import RayPressError
 COMMON_KEYS = ("model", "family", "method", "target", "data", "searcher", "evaluator", "tracking", "ray_address",
                "output", "database.cache_dir")
 #: family-specific keys some family reads; a config that sets one its family does not read is refused
-SPECIFIC_KEYS = ("levels", "units", "database.storage_dtype", "database.group_size", "database.symmetric", "database.granularity",
+SPECIFIC_KEYS = ("target_bytes", "levels", "units", "database.storage_dtype", "database.group_size", "database.symmetric", "database.granularity",
                  "database.parallel", "database.device", "database.placement", "database.stream")
 
 
@@ -66,6 +66,10 @@ class Family(ABC):
                 takes = ", ".join(self.keys) or "none"
                 raise RayPressError(f"config key '{key}' is not used by family {self.name} (its own keys: {takes}); "
                                     "remove it")
+
+    def target_note(self, cfg) -> str:
+        """How cfg.target came from what the user wrote, when it was not written as is ("" if it was)."""
+        return ""
 
     # ------------------------------------------------------------------ the five steps
     @abstractmethod

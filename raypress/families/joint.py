@@ -10,15 +10,52 @@ combined with packed integers, so there is no serving export yet).
 """
 from __future__ import annotations
 
+from ..errors import RayPressError
 from .weights import WeightFamily
+
+
+def size_to_bits(size, n_params: int, what: str) -> float:
+    """A byte budget as stored bits per weight: '25%' of the fp16 size, or bytes ('55MB', 55000000)."""
+    from ..rundir import parse_size
+
+    text = str(size).strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 100:
+            raise RayPressError(f"{what} {size!r} is not a share of the fp16 size; give e.g. 25% (or bytes: 55MB)")
+        return 16.0 * share / 100.0
+    return 8.0 * parse_size(text, what) / n_params
 
 
 class JointFamily(WeightFamily):
     name = "joint"
     methods = ("sparsegpt-gptq", "magnitude-rtn")
-    keys = WeightFamily.keys + ("database.group_size", "database.symmetric")
+    keys = WeightFamily.keys + ("target_bytes", "database.group_size", "database.symmetric")
     schedules = ("uniform", "dp")
     value_kind = "bits_per_weight"
+
+    def check_config(self, cfg, explicit=None) -> None:
+        super().check_config(cfg, explicit)
+        sizes = [b for b in (cfg.searcher.budgets or []) if isinstance(b, str)]
+        if cfg.target_bytes is None and not sizes:
+            return
+        # a byte budget becomes bits per weight of the compressed layers (the meta model: shapes only)
+        from ..models import get_adapter, meta_model
+
+        n = sum(int(m.weight.numel()) for m in get_adapter(meta_model(cfg.model)).linear_layers().values())
+        if cfg.target_bytes is not None:
+            cfg.target = size_to_bits(cfg.target_bytes, n, "target_bytes")
+        if sizes:
+            cfg.searcher.budgets = [size_to_bits(b, n, "searcher.budgets entry") if isinstance(b, str) else b
+                                    for b in cfg.searcher.budgets]
+
+    def target_note(self, cfg) -> str:
+        if cfg.target_bytes is None:
+            return ""
+        return f"target_bytes {cfg.target_bytes} is {cfg.target:g} stored bits per weight"
 
     def method_kwargs(self, cfg) -> dict:
         return {"levels": cfg.levels, **self.grid_kwargs(cfg)}

@@ -114,7 +114,11 @@ def check(cfg, family, space, name: str | None = None) -> None:
     if info.one_shot and info.name not in family.schedules:
         raise RayPressError(f"the {info.name} schedule is not offered by family {family.name} (it offers "
                             f"{', '.join(family.schedules)}); pick one of those or a search")
-    space.require_reachable()
+    try:
+        space.require_reachable()
+    except RayPressError as e:  # a target the user gave in other units (joint's target_bytes): say which
+        note = family.target_note(cfg)
+        raise (RayPressError(f"{note}: {e}") if note else e) from None
     if info.front:  # every budget of the front: reachable (the verdict, quoted) before anything is built
         from .pareto import resolve_budgets
 
