@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 19's comparison at equal bytes on SmolLM2-135M (held-out WikiText-2 perplexity): joint search vs
+# quant-only and sparsity-only searches vs one (sparsity, bits) pair everywhere, at three budgets in
+# stored bits per weight of the linear layers (3.125 = 19.5%, 4.0 = 25%, 5.25 = 32.8% of fp16).
+# Every budget is the exact size of a uniform pair, so "uniform" is compared at the same bytes.
+#   bash bench/joint_budgets.sh [phase...]   phases: uniform dp evo   (default: all; ~70 min on 2 cores)
+# then: .venv/bin/python bench/joint_table.py  (the table, and bench/results/joint_budgets.json)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RP=${RP:-.venv/bin/raypress}
+OUT=${OUT:-raypress_runs/joint_budgets}; mkdir -p "$OUT"
+Y=search_spaces/smollm2_joint.yaml
+BUDGETS=${BUDGETS:-3.125,4.0,5.25}
+GENS=${GENS:-12}
+# the search settings shared by every EvoPress run (joint and quant-only): cheap stages for 2 CPU cores
+EVO=(--set searcher.name=pareto --set "searcher.budgets=[${BUDGETS}]" --set target=${BUDGETS##*,}
+     --set searcher.init=dp --set searcher.generations=$GENS --set searcher.offspring=8
+     --set "searcher.stages=[[512, 2], [2048, 1]]")
+# joint: the default ladder plus 5- and 6-bit dense and the 25% pair 31%+4 bit
+JOINT="[[0,16],[0,8],[0.25,8],[0.5,8],[0,6],[0,5],[0,4],[0.25,4],[0.625,8],[0.3125,4],[0.25,3],[0,3],[0.5,4],[0.75,8],[0.5,3],[0.625,4],[0.625,3],[0.75,4],[0.75,3]]"
+QUANT="[[0,16],[0,8],[0,6],[0,5],[0,4],[0,3],[0,2]]"
+SPARSE="[[0,16],[0.5,16],[0.6,16],[0.7,16],[0.75,16],[0.8,16],[0.85,16],[0.9,16]]"
+phases=${*:-uniform dp evo}
+
+run() { local name=$1; shift; echo "== $name: raypress $*"; /usr/bin/time -f "$name %e s" "$RP" "$@" --set output=$OUT/$name \
+        --set tracking.experiment=joint_budgets > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; return 1; }; tail -1 "$OUT/$name.log"; }
+
+for p in $phases; do case $p in
+  uniform)  # one pair everywhere, at exactly each budget (one-level ladders)
+    for pair in "3.125:17/32,4" "3.125:3/8,3" "3.125:49/64,8" "4.0:5/16,4" "4.0:21/32,8" "5.25:0,5" "5.25:1/2,8" "5.25:1/3,6"; do
+      t=${pair%%:*}; sb=${pair#*:}; s=$(python3 -c "from fractions import Fraction as F; print(float(F('${sb%%,*}')))"); b=${sb##*,}
+      run "uniform_${t}_s${s}_b${b}" search --config $Y --set "levels=[[$s,$b]]" --set target=$t --set searcher.name=uniform
+    done ;;
+  dp)
+    run dp_joint compare --config $Y --set "levels=$JOINT" --searchers dp,uniform --targets $BUDGETS
+    run dp_quant compare --config $Y --set "levels=$QUANT" --searchers dp,uniform --targets $BUDGETS
+    run dp_sparse compare --config $Y --set "levels=$SPARSE" --set method=sparsegpt-gptq --searchers dp --targets $BUDGETS ;;
+  evo)
+    run evo_joint search --config $Y --set "levels=$JOINT" "${EVO[@]}"
+    run evo_quant search --config $Y --set "levels=$QUANT" "${EVO[@]}" ;;
+  *) echo "unknown phase $p (uniform dp evo)" >&2; exit 2 ;;
+esac; done
