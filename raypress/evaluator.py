@@ -161,9 +161,12 @@ class Evaluator:
         self._gpu_limit = None
         if self.spec.max_gpu_memory is None or not self.device.startswith("cuda"):
             return
-        total = torch.cuda.get_device_properties(self.device).total_memory
+        # "cuda" names no index, which set_per_process_memory_fraction refuses: the current device
+        index = torch.device(self.device).index
+        index = torch.cuda.current_device() if index is None else index
+        total = torch.cuda.get_device_properties(index).total_memory
         self._gpu_limit = int(float(self.spec.max_gpu_memory) * 2**30)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, self._gpu_limit / total), self.device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self._gpu_limit / total), index)
 
     def _gpu_free(self) -> int:
         free = torch.cuda.mem_get_info(self.device)[0]

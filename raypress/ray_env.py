@@ -24,12 +24,28 @@ def shutdown_own_ray() -> None:
 
         _STARTED_HERE = False
         if ray.is_initialized():
-            ray.shutdown()
+            _quiet_shutdown(ray)
     if _OWN_TEMP:
         import shutil
 
         shutil.rmtree(_OWN_TEMP, ignore_errors=True)
         _OWN_TEMP = None
+
+
+def _quiet_shutdown(ray) -> None:
+    """ray.shutdown() without the workers' dying words: shutdown SIGTERMs workers that may be inside
+    a task, and their teardown tracebacks reach this process through Ray's log forwarding while it
+    waits, ahead of the one line the command ends with. The driver's log thread picks sys.stdout /
+    sys.stderr per message, so they are held aside for the shutdown alone."""
+    import io
+    import sys
+
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+    try:
+        ray.shutdown()
+    finally:
+        sys.stdout, sys.stderr = out, err
 
 
 def _start_embedded_ray(ray) -> None:
