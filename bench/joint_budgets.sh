@@ -3,7 +3,7 @@
 # quant-only and sparsity-only searches vs one (sparsity, bits) pair everywhere, at three budgets in
 # stored bits per weight of the linear layers (3.125 = 19.5%, 4.0 = 25%, 5.25 = 32.8% of fp16).
 # Every budget is the exact size of a uniform pair, so "uniform" is compared at the same bytes.
-#   bash bench/joint_budgets.sh [phase...]   phases: uniform dp evo   (default: all; ~70 min on 2 cores)
+#   bash bench/joint_budgets.sh [phase...]   phases: uniform dp (= dp_joint dp_quant dp_sparse) evo (= evo_joint evo_quant)   (default: all; ~70 min on 2 cores)
 # then: .venv/bin/python bench/joint_table.py  (the table, and bench/results/joint_budgets.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ BUDGETS=${BUDGETS:-3.125,4.0,5.25}
 GENS=${GENS:-12}
 # the search settings shared by every EvoPress run (joint and quant-only): cheap stages for 2 CPU cores
 EVO=(--set searcher.name=pareto --set "searcher.budgets=[${BUDGETS}]" --set target=${BUDGETS##*,}
-     --set searcher.init=dp --set searcher.generations=$GENS --set searcher.offspring=8
+     --set "searcher.init=[uniform, dp]" --set searcher.generations=$GENS --set searcher.offspring=8
      --set "searcher.stages=[[512, 2], [2048, 1]]")
 # joint: the default ladder plus 5- and 6-bit dense and the 25% pair 31%+4 bit
 JOINT="[[0,16],[0,8],[0.25,8],[0.5,8],[0,6],[0,5],[0,4],[0.25,4],[0.625,8],[0.3125,4],[0.25,3],[0,3],[0.5,4],[0.75,8],[0.5,3],[0.625,4],[0.625,3],[0.75,4],[0.75,3]]"
@@ -31,12 +31,12 @@ for p in $phases; do case $p in
       t=${pair%%:*}; sb=${pair#*:}; s=$(python3 -c "from fractions import Fraction as F; print(float(F('${sb%%,*}')))"); b=${sb##*,}
       run "uniform_${t}_s${s}_b${b}" search --config $Y --set "levels=[[$s,$b]]" --set target=$t --set searcher.name=uniform
     done ;;
-  dp)
-    run dp_joint compare --config $Y --set "levels=$JOINT" --searchers dp,uniform --targets $BUDGETS
-    run dp_quant compare --config $Y --set "levels=$QUANT" --searchers dp,uniform --targets $BUDGETS
-    run dp_sparse compare --config $Y --set "levels=$SPARSE" --set method=sparsegpt-gptq --searchers dp --targets $BUDGETS ;;
-  evo)
-    run evo_joint search --config $Y --set "levels=$JOINT" "${EVO[@]}"
-    run evo_quant search --config $Y --set "levels=$QUANT" "${EVO[@]}" ;;
+  dp) bash "$0" dp_joint dp_quant dp_sparse ;;
+  dp_joint) run dp_joint compare --config $Y --set "levels=$JOINT" --searchers dp,uniform --targets $BUDGETS ;;
+  dp_quant) run dp_quant compare --config $Y --set "levels=$QUANT" --searchers dp,uniform --targets $BUDGETS ;;
+  dp_sparse) run dp_sparse compare --config $Y --set "levels=$SPARSE" --searchers dp --targets $BUDGETS ;;
+  evo) bash "$0" evo_joint evo_quant ;;
+  evo_joint) run evo_joint search --config $Y --set "levels=$JOINT" "${EVO[@]}" ;;
+  evo_quant) run evo_quant search --config $Y --set "levels=$QUANT" "${EVO[@]}" ;;
   *) echo "unknown phase $p (uniform dp evo)" >&2; exit 2 ;;
 esac; done

@@ -47,7 +47,9 @@ class SearcherConfig:
     # random / Optuna: candidate evaluations (default: as many as the evolution of this config spends,
     # each on the evolution's mean tokens per evaluation: search/registry.evaluation_budget)
     samples: int | None = None
-    init: str = "uniform"  # uniform or a schedule name (owl, hessian, dp, ...)
+    # the start: uniform or a schedule (owl, hessian, dp, ...), or a list of them ([uniform, dp]): the
+    # evolution's first generation scores them all and keeps the best (Optuna enqueues them all)
+    init: str | list = "uniform"
     # EvoPress: score the elite on one fixed batch (the last stage's size) every N generations, the
     # curve that shows progress (`elite_kl_monitor`); 0: never
     monitor_every: int = 5
@@ -215,12 +217,27 @@ def _dotted(data: dict, prefix: str = "") -> set[str]:
     return out
 
 
+def init_names(cfg: Config) -> list:
+    """searcher.init as a list of schedule names (one name or a list)."""
+    init = cfg.searcher.init
+    return [init] if isinstance(init, str) else list(init) if isinstance(init, (list, tuple)) else [init]
+
+
 def validate(cfg: Config) -> Config:
     family = get_family(cfg.family)
     get_searcher(cfg.searcher.name)
     family.check_config(cfg, set(cfg.explicit))
-    if cfg.searcher.init not in ONE_SHOT:
-        raise RayPressError(f"unknown searcher.init '{cfg.searcher.init}'; warm-start from one of {', '.join(ONE_SHOT)}")
+    inits = init_names(cfg)
+    for name in inits:
+        if name not in ONE_SHOT:
+            raise RayPressError(f"unknown searcher.init '{name}'; warm-start from one of {', '.join(ONE_SHOT)} "
+                                "(or a list of them)")
+    if not inits or len(set(inits)) != len(inits):
+        raise RayPressError(f"searcher.init lists {cfg.searcher.init!r}; give one schedule or a list of distinct ones, "
+                            "e.g. [uniform, dp]")
+    if len(inits) > 1 and cfg.searcher.name == "random":
+        raise RayPressError("searcher.init lists several starts, but random search samples without one; give one "
+                            "schedule or use evopress, pareto or an Optuna sampler")
     for i, st in enumerate(cfg.searcher.stages):
         if not (isinstance(st, (list, tuple)) and len(st) == 2 and all(isinstance(x, int) and x > 0 for x in st)):
             raise RayPressError(f"searcher.stages[{i}] must be [tokens, survivors] with positive integers, got {st!r}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import trial
 from .calibrate import StatsCache
-from .config import Config
+from .config import Config, init_names
 from .data import describe_source, load_tokens, make_splits
 from .evaluator import Evaluator, EvaluatorSpec
 from .families import get_family
@@ -91,8 +91,10 @@ def preflight(cfg: Config, adapter):
     family = get_family(cfg.family)
     space = family.space(cfg, adapter)
     registry.check(cfg, family, space)
-    if cfg.searcher.init != registry.DEFAULT_INIT and not registry.get_searcher(cfg.searcher.name).one_shot:
-        registry.check(cfg, family, space, cfg.searcher.init)
+    if not registry.get_searcher(cfg.searcher.name).one_shot:
+        for name in init_names(cfg):  # every warm start is offered and reaches the target
+            if name != registry.DEFAULT_INIT:
+                registry.check(cfg, family, space, name)
     return family, space
 
 
@@ -189,10 +191,12 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             best = family.schedule(info.name, cfg, prep, model, adapter, splits.calib)
         else:
             initial = family.start(prep)
-            if cfg.searcher.init != registry.DEFAULT_INIT:  # a warm start from a schedule, for any searcher
+            inits = init_names(cfg)
+            if inits != [registry.DEFAULT_INIT]:  # a warm start from a schedule (or several), for any searcher
                 def schedule_at(sp):
-                    return family.schedule(cfg.searcher.init, cfg, dataclasses.replace(prep, space=sp), model,
-                                           adapter, splits.calib)
+                    starts = [family.schedule(n, cfg, dataclasses.replace(prep, space=sp), model, adapter,
+                                              splits.calib) for n in inits]
+                    return starts[0] if len(starts) == 1 else starts
 
                 # a front starts every budget from the schedule at that budget
                 initial = schedule_at if info.front else schedule_at(space)

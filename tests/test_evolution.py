@@ -194,6 +194,26 @@ def test_initial_warm_start_and_search_properties():
         evo(generations=0)
 
 
+def test_several_starts_compete_in_the_first_generation_and_the_best_becomes_the_parent():
+    """searcher.init: [a, b]: generation 0 scores both starts beside a's offspring (6 + 2 configs
+    in stage 0) and multi-step selection keeps the better start; later generations breed from it
+    alone. A worse start listed first does not hold the search back."""
+    rng = np.random.default_rng(5)
+    starts = sorted((SPACE.random_feasible(rng) for _ in range(40)), key=true_fitness)
+    good, bad = starts[0], starts[-1]
+    assert true_fitness(good) < 0.6 * true_fitness(bad)
+    s = evo(initial=[bad, good], generations=2, offspring=6, max_mutations=1)
+    sug = drive(s, fitness=lambda c: true_fitness(c), batch=1)
+    gen0 = [strip(c) for _, c in sug if c["_rp_generation"] == 0 and c["_rp_stage"] == 0]
+    assert len(gen0) == 8 and gen0[0] == bad and gen0[1] == good
+    gen1 = [strip(c) for _, c in sug if c["_rp_generation"] == 1 and c["_rp_stage"] == 0]
+    assert len(gen1) == 7 and gen1[0] != bad  # the parent of generation 1 came from the good start's side
+    assert true_fitness(gen1[0]) <= true_fitness(good)
+    assert true_fitness(s.best_config) <= true_fitness(good)
+    one = evo(initial=[good, dict(good)], generations=1)  # a start listed twice is scored once
+    assert len([c for _, c in drive(one, batch=1) if c["_rp_stage"] == 0]) == 7
+
+
 def test_pop_new_history():
     s = evo(generations=3)
     drive(s, stop_after=10)  # one generation = 7 + 3

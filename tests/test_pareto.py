@@ -120,3 +120,8 @@ def test_each_budget_starts_from_its_own_schedule():
     assert [float(sub.space.target) for sub in s.subs] == [0.2, 0.4]
     for sub in s.subs:
         assert sub.space.array_to_config(sub.parent) == starts[sub.space.target] != sub.space.uniform()
+    # several starts (searcher.init: [uniform, dp]): every budget gets all of them at its own budget
+    s2 = build("pareto", cfg, space, lambda sp: [sp.uniform(), starts[sp.target]])
+    for sub in s2.subs:
+        assert sub.space.array_to_config(sub.parent) == sub.space.uniform()
+        assert [sub.space.array_to_config(a) for a in sub._starts] == [starts[sub.space.target]]

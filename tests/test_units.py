@@ -32,7 +32,7 @@ def test_fused_quant_search_exports_one_level_per_fused_group(tmp_path, ray_sess
         f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=32",
         "data.n_eval=8", "searcher.generations=2", "searcher.offspring=4", "searcher.stages=[[128, 1]]",
         f"output={tmp_path / 'runs'}", f"database.cache_dir={tmp_path / 'db'}", "family=quant", "method=rtn",
-        "levels=[4, 8]", "target=5.11111111", "units=fused", "searcher.init=dp"])
+        "levels=[4, 8]", "target=5.11111111", "units=fused", "searcher.init=[uniform, dp]"])
     r = run_search(cfg)
     assert all(k.endswith(("qkv_proj", "gate_up_proj", "o_proj", "down_proj")) for k in r.best_config)
     assert r.mean_value == pytest.approx(5.11111111, abs=1e-6)

@@ -62,14 +62,19 @@ class EvoPressSearcher(RayPressSearcher):
         self.max_mutations = int(max_mutations)
         self.max_step = int(max_step)
         self.three_way = float(three_way)
-        if initial is not None:
-            parent = space.config_to_array(initial)
-            if not space.is_feasible(parent):
+        # several starts (searcher.init: [uniform, dp]): the first generation scores them all beside the
+        # first one's offspring, and multi-step selection keeps the best as the parent
+        starts = [space.uniform()] if initial is None else list(initial) if isinstance(initial, list) else [initial]
+        arrs = []
+        for start in starts:
+            arr = space.config_to_array(start)
+            if not space.is_feasible(arr):
                 log.warning("initial config is off budget (mean value %.4g vs target %g); repairing it",
-                            space.mean_value(parent), space.target)
-                parent = space.config_to_array(space.repair(parent, self.rng))
-        else:
-            parent = space.config_to_array(space.uniform())
+                            space.mean_value(arr), space.target)
+                arr = space.config_to_array(space.repair(arr, self.rng))
+            if not any(np.array_equal(arr, a) for a in arrs):
+                arrs.append(arr)
+        parent, self._starts = arrs[0], arrs[1:]
         self.parent = parent
         self.parent_fitness: float | None = None
         self.best_config = space.array_to_config(parent)
@@ -94,10 +99,11 @@ class EvoPressSearcher(RayPressSearcher):
     # ------------------------------------------------------------------ generation bookkeeping
     def _start_generation(self) -> None:
         sp = self.space
-        cands = [self.parent.copy()]
-        seen = {self.parent.tobytes()}
+        cands = [self.parent.copy()] + ([a.copy() for a in self._starts] if self.generation == 0 else [])
+        seen = {c.tobytes() for c in cands}
+        n_fixed = len(cands)
         attempts, limit = 0, 50 * self.offspring + 100
-        while len(cands) < self.offspring + 1 and attempts < limit:
+        while len(cands) < self.offspring + n_fixed and attempts < limit:
             attempts += 1
             child = self.parent.copy()
             n = int(self.rng.integers(1, self.max_mutations + 1))
@@ -119,9 +125,9 @@ class EvoPressSearcher(RayPressSearcher):
                 continue
             seen.add(key)
             cands.append(child)
-        if len(cands) < self.offspring + 1:
+        if len(cands) < self.offspring + n_fixed:
             log.warning("generation %d: only %d distinct offspring found (asked for %d); the space is small",
-                        self.generation, len(cands) - 1, self.offspring)
+                        self.generation, len(cands) - n_fixed, self.offspring)
         self._set_candidates(cands)
         self._stage0 = []
 

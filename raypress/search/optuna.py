@@ -490,7 +490,8 @@ def build(name, cfg, space, initial=None, state=None):
 
     n, tokens = evaluation_budget(cfg)
     searcher = make_optuna_searcher(space, sampler=name, seed=cfg.searcher.seed, n_tokens=tokens,
-                                    initial=[initial] if initial else None, state=state)
+                                    initial=(initial if isinstance(initial, list) else [initial]) if initial else None,
+                                    state=state)
     # a resume continues the budget: Tune counts the trials it creates, the restored ones are spent
     searcher.num_samples = max(0, n - len(state["trials"])) if state is not None else n
     return searcher
