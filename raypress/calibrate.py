@@ -271,6 +271,12 @@ def collect_input_norms(model, adapter, calib: np.ndarray, batch_size=8, device=
     return collect_stats(model, adapter, calib, ("norms",), batch_size, device, layers, **kw)["norms"]
 
 
+def for_sparsity(space) -> bool:
+    """OWL and the Hessian scheduler are for sparsity ladders (a target in [0, 1)): only then do the
+    statistics depend on the target (each layer's OBS error at it)."""
+    return 0.0 <= float(space.target) < 1.0
+
+
 def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="cpu",
                     progress: bool = True, layers: Sequence[str] | None = None) -> dict:
     """What the statistics-driven schedules need, in one streamed pass over the dense model: block by
@@ -281,7 +287,7 @@ def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="c
     layers: the linear layers (default: the space's; a space of fused units passes their layers)."""
     from .search.schedules import LayerStats, block_of, block_outlier_ratio, level_errors, obs_error
 
-    sparsity = 0.0 <= float(space.target) < 1.0  # OWL and the Hessian scheduler are for sparsity ladders
+    sparsity = for_sparsity(space)
     lin = adapter.linear_layers()
     ratios: dict[str, float] = {}
     obs: dict[str, float] = {}
@@ -306,8 +312,9 @@ def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="c
 
 
 class StatsCache:
-    """`schedule_inputs` computed once per (model, calibration tokens, database, target): a
-    comparison hands one cache to every search it runs, so its schedules calibrate once."""
+    """`schedule_inputs` computed once per (model, calibration tokens, database, and the target where
+    they depend on it): a comparison hands one cache to every search it runs, and a pareto search
+    warm-starting every budget from DP uses one, so their schedules calibrate once."""
 
     def __init__(self):
         self._key = None
@@ -317,8 +324,8 @@ class StatsCache:
             layers: Sequence[str] | None = None) -> dict:
         """{"ratios": {block: D_b}, "obs_errors": {layer: e}, "errors": {layer: [e_k]}} (see
         schedule_inputs; the first two only for sparsity targets, the last only with a database)."""
-        key = (model_id, calib_hash(calib), getattr(db, "key", None), float(space.target),
-               None if layers is None else tuple(layers))
+        key = (model_id, calib_hash(calib), getattr(db, "key", None),
+               float(space.target) if for_sparsity(space) else None, None if layers is None else tuple(layers))
         if key != self._key:
             self._key, self._inputs = key, schedule_inputs(model, adapter, calib, space, db, device, layers=layers)
         return self._inputs

@@ -234,3 +234,28 @@ def test_rtn_packed_and_dense_fallback(tiny, tmp_path):
     with pytest.raises(RayPressError, match="pack=False"):
         build_database(spec, model, ad, get_method("magnitude"), calib, cache_root=tmp_path,
                        fingerprint="tiny-llama", progress=False, pack=True)
+
+
+def test_dp_statistics_are_computed_once_for_every_bits_target(tiny, built, monkeypatch):
+    """A pareto search warm-started from DP (and a comparison over targets) asks the StatsCache at
+    every budget: for a bits ladder the statistics do not depend on the target, so the calibration
+    pass runs once; for a sparsity target (the OBS error at it) it runs per target."""
+    import raypress.calibrate as cal
+    from raypress.space import SearchSpace
+
+    spec, model, ad, calib = tiny
+    db = built[0]
+    calls = []
+    real = cal.schedule_inputs
+    monkeypatch.setattr(cal, "schedule_inputs", lambda *a, **k: calls.append(a[3].target) or real(*a, **k))
+    cache = cal.StatsCache()
+    first = None
+    for target in (3.0, 4.0, 5.0):
+        got = cache.get(spec, model, ad, calib, SearchSpace.for_database(db, target), db)
+        assert first is None or got is first
+        first = got
+    assert calls == [3.0]
+    for target in (0.5, 0.6):  # sparsity: per target
+        cache.get(spec, model, ad, calib, SearchSpace.from_values([0.0, 0.5, 0.7], target, layers=db.layers,
+                                                                 n_params=[1] * len(db.layers)), None)
+    assert calls == [3.0, 0.5, 0.6]
