@@ -54,12 +54,15 @@ def report_front(run, searcher, family, tracker, out_dir: Path, title: str) -> l
     for p in points:
         tracker.log_metrics({"front_ppl": p["ppl"], "front_uniform_ppl": p["uniform_ppl"], "front_kl": p["kl"],
                              "front_value": p["value"]}, step=points.index(p))
-    tracker.log_figure(front_plot(points, family.value_kind, title), "pareto_front.png")
+    cols = ["budget", "value", "bytes", "ppl", "uniform_ppl", "kl", "uniform_kl", "search_kl", "front"]
+    tracker.log_table({c: [p.get(c) for p in points] for c in cols}, "pareto_table.json")
+    tracker.log_figure(front_plot(points, family.value_kind, title, n_params), "pareto_front.png")
     return points
 
 
-def front_plot(points: list[dict], value_kind: str, title: str):
-    """Held-out perplexity vs size: the searched points (front joined), and the uniform mix at each budget."""
+def front_plot(points: list[dict], value_kind: str, title: str, n_params: int | None = None):
+    """Held-out perplexity vs size: the searched points (front joined), and the uniform mix at each budget;
+    a joint front also gets its size in MB on a second axis (n_params weights at `value` bits each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +77,10 @@ def front_plot(points: list[dict], value_kind: str, title: str):
     ax.plot([p["value"] for p in pts], [p["uniform_ppl"] for p in pts], linestyle="--", marker=".", label="uniform mix")
     ax.set_xlabel({"bits_per_weight": "stored bits per weight"}.get(value_kind, f"mean {value_kind}"))
     ax.set_ylabel("held-out perplexity")
+    if value_kind == "bits_per_weight" and n_params:
+        mb = n_params / 8e6  # MB per bit per weight
+        top = ax.secondary_xaxis("top", functions=(lambda b: b * mb, lambda m: m / mb))
+        top.set_xlabel("MB of the compressed layers")
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

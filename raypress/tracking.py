@@ -272,6 +272,10 @@ class Tracker:
             p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
             self.client.log_artifact(self.run_id, str(p))
 
+    def log_table(self, columns: dict[str, list], name: str) -> None:
+        """A table artifact MLflow's UI shows as a table (`columns`: name -> one value per row)."""
+        self._write(self.client.log_table, self.run_id, columns, name)
+
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 

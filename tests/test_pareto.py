@@ -1,5 +1,6 @@
 """searcher.name=pareto: an EvoPress search per budget in one run, pareto.json, export --budget."""
 import json
+from pathlib import Path
 
 import pytest
 from _tiny import tiny_llama
@@ -59,6 +60,17 @@ def test_front_points_are_the_per_budget_searches_and_export_picks_by_bytes(tmp_
     pts = doc["points"]
     assert [p["budget"] for p in pts] == [3.0, 4.5] and [p["value"] for p in pts] == [3.0, 4.5]
     assert [p["front"] for p in pts] == non_dominated(pts)
+    # MLflow has the front as a table (one row per budget) and the plot
+    from mlflow import MlflowClient
+
+    client = MlflowClient(r.tracking_uri)
+    names = {a.path for a in client.list_artifacts(r.run_id)}
+    assert {"pareto.json", "pareto_table.json", "pareto_front.png"} <= names, names
+    table = json.loads(Path(client.download_artifacts(r.run_id, "pareto_table.json", str(tmp_path))).read_text())
+    cols = table["columns"]
+    rows = [dict(zip(cols, row)) for row in table["data"]]
+    assert [(x["budget"], x["bytes"]) for x in rows] == [(p["budget"], p["bytes"]) for p in pts]
+    assert [x["ppl"] for x in rows] == pytest.approx([p["ppl"] for p in pts], rel=1e-9)
     alone = run_search(_cfg(tmp_path, wikitext_path, "alone", "target=3.0"))
     assert {l: int(k) for l, k in alone.best_config.items()} == pts[0]["config"]
     assert r.best_config == {l: k for l, k in pts[1]["config"].items()}  # the target's point is the result
