@@ -3,7 +3,7 @@
 # quant-only and sparsity-only searches vs one (sparsity, bits) pair everywhere, at three budgets in
 # stored bits per weight of the linear layers (3.125 = 19.5%, 4.0 = 25%, 5.25 = 32.8% of fp16).
 # Every budget is the exact size of a uniform pair, so "uniform" is compared at the same bytes.
-#   bash bench/joint_budgets.sh [phase...]   phases: uniform dp (= dp_joint dp_quant dp_sparse) evo (= evo_joint evo_quant)   (default: all; ~70 min on 2 cores)
+#   bash bench/joint_budgets.sh [phase...]   phases: uniform dp (= dp_joint dp_quant dp_sparse) evo (= evo_joint evo_quant) front8   (default: all; ~70 min on 2 cores)
 # then: .venv/bin/python bench/joint_table.py  (the table, and bench/results/joint_budgets.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,5 +38,12 @@ for p in $phases; do case $p in
   evo) bash "$0" evo_joint evo_quant ;;
   evo_joint) run evo_joint search --config $Y --set "levels=$JOINT" "${EVO[@]}" ;;
   evo_quant) run evo_quant search --config $Y --set "levels=$QUANT" "${EVO[@]}" ;;
-  *) echo "unknown phase $p (uniform dp evo)" >&2; exit 2 ;;
+  front8)  # an 8-point front in one run, then one of its budgets searched alone (same seed; seed 1: noise)
+    F=(--set "searcher.init=[uniform, dp]" --set searcher.generations=${GENS8:-4} --set searcher.offspring=8
+       --set "searcher.stages=[[512, 2], [2048, 1]]" --set "levels=$JOINT")
+    run front8 search --config $Y "${F[@]}" --set searcher.name=pareto --set target=5.25 \
+      --set "searcher.budgets=[3.125, 3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.25]"
+    run alone4.5 search --config $Y "${F[@]}" --set target=4.5
+    run alone4.5_seed1 search --config $Y "${F[@]}" --set target=4.5 --set searcher.seed=1 ;;
+  *) echo "unknown phase $p (uniform dp evo front8)" >&2; exit 2 ;;
 esac; done

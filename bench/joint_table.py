@@ -1,8 +1,10 @@
-"""The table of bench/joint_budgets.sh: held-out perplexity at equal bytes, from its run folders.
+"""The tables of bench/joint_budgets.sh, from its run folders: held-out perplexity at equal bytes.
 
-Reads result.json (one-budget runs, compare children) and pareto.json (the EvoPress fronts) below
-raypress_runs/joint_budgets, prints a markdown table (rows: budgets; columns: methods) and writes
-bench/results/joint_budgets.json.   .venv/bin/python bench/joint_table.py [folder]
+Reads result.json (one-budget runs and compare children) and pareto.json (fronts) below
+raypress_runs/joint_budgets, prints markdown tables and writes bench/results/joint_budgets.json:
+  1. budgets x methods (joint / quant-only / sparsity-only searches and schedules, one pair everywhere);
+  2. the 8-point front next to the same budget searched alone (same seed, and seed 1 for noise).
+    .venv/bin/python bench/joint_table.py [folder]
 """
 from __future__ import annotations
 
@@ -11,45 +13,57 @@ import sys
 from pathlib import Path
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "raypress_runs/joint_budgets")
-rows: dict[float, dict[str, float]] = {}
-evals: dict[str, int] = {}
+table: dict[float, dict[str, float]] = {}
+alone: dict[str, dict] = {}
+front8: list[dict] = []
+dense = set()
 
 
 def put(budget: float, column: str, ppl: float) -> None:
-    rows.setdefault(round(budget, 4), {})[column] = ppl
+    table.setdefault(round(float(budget), 4), {})[column] = round(float(ppl), 2)
 
 
 for res in sorted(root.glob("*/**/result.json")):
     r = json.loads(res.read_text())
-    state = json.loads((res.parent / "raypress_state.json").read_text())
-    cfg = state["config"]
-    group = res.relative_to(root).parts[0]  # dp_joint, uniform_4.0_s0.3125_b4, evo_quant, ...
-    budget = float(cfg["target"])
+    cfg = json.loads((res.parent / "raypress_state.json").read_text())["config"]
+    group = res.relative_to(root).parts[0]
+    dense.add(round(r["ppl_dense"], 2))
     if group.startswith("uniform_"):
         (s, b), = cfg["levels"]
-        put(budget, f"pair {s:g}+{b}b", r["ppl_best"])
+        put(cfg["target"], f"pair {s:g} + {b} bit", r["ppl_best"])
     elif group.startswith("dp_"):
-        kind = group[3:]
-        put(budget, f"{kind} {cfg['searcher']['name']}", r["ppl_best"])
-    put(budget, "dense", r["ppl_dense"])
+        put(cfg["target"], f"{group[3:]}-only {cfg['searcher']['name']}".replace("joint-only", "joint"), r["ppl_best"])
+    elif group.startswith("alone"):
+        alone[group] = {"budget": cfg["target"], "seed": cfg["searcher"]["seed"], "ppl": r["ppl_best"],
+                        "kl": r["kl_best"], "evaluations": r["evaluations"]}
 for pj in sorted(root.glob("*/**/pareto.json")):
     group = pj.relative_to(root).parts[0]
-    for p in json.loads(pj.read_text())["points"]:
-        put(p["budget"], f"{group[4:]} evopress", p["ppl"])
-    evals[group] = json.loads(next(pj.parent.glob("result.json")).read_text())["evaluations"] if list(
-        pj.parent.glob("result.json")) else None
+    points = json.loads(pj.read_text())["points"]
+    if group == "front8":
+        front8 = [{k: p[k] for k in ("budget", "bytes", "ppl", "kl", "uniform_ppl", "front")} for p in points]
+    else:  # evo_joint, evo_quant
+        for p in points:
+            put(p["budget"], f"{group[4:]}{'' if group == 'evo_joint' else '-only'} evopress", p["ppl"])
 
-cols = sorted({c for r in rows.values() for c in r if c != "dense"})
+cols = sorted({c for r in table.values() for c in r}, key=lambda c: (not c.startswith("joint"), "pair" in c, c))
 print("| bits/weight (share of fp16) | " + " | ".join(cols) + " |")
 print("|---|" + "---|" * len(cols))
-for b in sorted(rows):
-    r = rows[b]
-    vals = [r.get(c) for c in cols]
+for b in sorted(table):
+    vals = [table[b].get(c) for c in cols]
     best = min(v for v in vals if v is not None)
-    cells = [("-" if v is None else (f"**{v:.2f}**" if v == best else f"{v:.2f}")) for v in vals]
+    cells = ["-" if v is None else (f"**{v:.2f}**" if v == best else f"{v:.2f}") for v in vals]
     print(f"| {b:g} ({b / 16:.1%}) | " + " | ".join(cells) + " |")
-print("dense:", sorted({r.get('dense') for r in rows.values() if r.get('dense')}), "evaluations:", evals)
+print(f"dense: {sorted(dense)}")
+if front8:
+    print("\n| budget | bytes | front8 ppl | uniform mix ppl | on the front |")
+    print("|---|---|---|---|---|")
+    for p in front8:
+        print(f"| {p['budget']:g} | {p['bytes']:,} | {p['ppl']:.2f} | {p['uniform_ppl']:.2f} | {p['front']} |")
+for name, a in sorted(alone.items()):
+    print(f"{name}: budget {a['budget']:g} seed {a['seed']}: ppl {a['ppl']:.2f} KL {a['kl']:.4f} "
+          f"({a['evaluations']} evaluations)")
 out = Path(__file__).parent / "results" / "joint_budgets.json"
 out.parent.mkdir(exist_ok=True)
-out.write_text(json.dumps({"rows": {str(k): v for k, v in sorted(rows.items())}, "evaluations": evals}, indent=1))
+out.write_text(json.dumps({"table": {str(k): v for k, v in sorted(table.items())}, "dense": sorted(dense),
+                           "front8": front8, "alone": alone}, indent=1))
 print("wrote", out)
