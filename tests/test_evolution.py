@@ -210,6 +210,12 @@ def test_several_starts_compete_in_the_first_generation_and_the_best_becomes_the
     assert len(gen1) == 7 and gen1[0] != bad  # the parent of generation 1 came from the good start's side
     assert true_fitness(gen1[0]) <= true_fitness(good)
     assert true_fitness(s.best_config) <= true_fitness(good)
+    from types import SimpleNamespace
+
+    from raypress.search.registry import evolution_budget  # the plan's and progress lines' count
+
+    assert len(sug) == s.evaluations == evolution_budget(SimpleNamespace(
+        offspring=6, stages=[(64, 3), (256, 1)], generations=2, init=["uniform", "dp"]))
     one = evo(initial=[good, dict(good)], generations=1)  # a start listed twice is scored once
     assert len([c for _, c in drive(one, batch=1) if c["_rp_stage"] == 0]) == 7
 

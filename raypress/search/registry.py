@@ -83,12 +83,15 @@ def get_searcher(name: str) -> SearcherInfo:
 
 
 def evolution_budget(s) -> int:
-    """Candidate evaluations an EvoPress run spends (searcher config `s`)."""
+    """Candidate evaluations an EvoPress run spends (searcher config `s`); with several starts
+    (searcher.init: [uniform, dp]) the first generation also scores the starts after the first (at
+    most: a start equal to another is scored once)."""
     per_gen, n = 0, s.offspring + 1
     for _, survivors in s.stages:
         per_gen += n
         n = survivors
-    return per_gen * s.generations
+    starts = len(s.init) if isinstance(s.init, (list, tuple)) else 1
+    return per_gen * s.generations + starts - 1
 
 
 def evaluation_budget(cfg) -> tuple[int, int]:
