@@ -19,7 +19,7 @@ import yaml
 
 from .errors import RayPressError
 from .families import get_family
-from .search.registry import ONE_SHOT, get_searcher
+from .search.registry import ONE_SHOT, SEARCHERS, get_searcher
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -235,9 +235,10 @@ def validate(cfg: Config) -> Config:
     if not inits or len(set(inits)) != len(inits):
         raise RayPressError(f"searcher.init lists {cfg.searcher.init!r}; give one schedule or a list of distinct ones, "
                             "e.g. [uniform, dp]")
-    if len(inits) > 1 and cfg.searcher.name == "random":
-        raise RayPressError("searcher.init lists several starts, but random search samples without one; give one "
-                            "schedule or use evopress, pareto or an Optuna sampler")
+    if len(inits) > 1 and not get_searcher(cfg.searcher.name).many_starts:
+        takes = ", ".join(n for n, s in SEARCHERS.items() if s.many_starts)
+        raise RayPressError(f"searcher.init lists several starts, but {cfg.searcher.name} takes at most one; give one "
+                            f"schedule or use one of {takes}")
     for i, st in enumerate(cfg.searcher.stages):
         if not (isinstance(st, (list, tuple)) and len(st) == 2 and all(isinstance(x, int) and x > 0 for x in st)):
             raise RayPressError(f"searcher.stages[{i}] must be [tokens, survivors] with positive integers, got {st!r}")

@@ -99,7 +99,7 @@ CONFIG_CASES = [
     ("warm start listed twice", None, ["searcher.init=[dp, dp]"], "--set 'searcher.init=[dp, dp]'",
      "give one schedule or a list of distinct ones"),
     ("several starts for random search", None, ["searcher.name=random", "searcher.init=[uniform, dp]"],
-     "--set searcher.name=random --set 'searcher.init=[uniform, dp]'", "random search samples without one"),
+     "--set searcher.name=random --set 'searcher.init=[uniform, dp]'", "random takes at most one; give one schedule or use one of evopress, pareto, tpe"),
     ("bad override syntax", None, ["searcher.generations"], "--set searcher.generations (no =)",
      "must look like key.sub=value"),
     ("bad stages", None, ["searcher.stages=[[512, 4], [2048, 2]]"], "last stage keeps 2 survivors",

@@ -11,6 +11,7 @@ runner drives a searcher:
     resumable    get_state() / build(state=...) continue an interrupted search
     generational its history has one entry per generation (searcher.generations of them); others
                  report per trial or per chunk of trials (progress lines say "eval i/n")
+    many_starts  takes several warm starts (searcher.init: [uniform, dp]) and scores them all
 
 Every Tune searcher reports the same way (search/base.py `REPORTING`): best_config, best_fitness,
 history (+ pop_new_history), evaluations, get_state. `check(cfg, family, space)` is the one
@@ -35,6 +36,7 @@ class SearcherInfo:
     resumable: bool = False
     generational: bool = False
     front: bool = False  # searches several budgets (searcher.budgets): the runner writes pareto.json
+    many_starts: bool = False
     builder: str | None = None  # "module:function" (name, cfg, space, initial, state) -> Searcher
     summary: str = ""
 
@@ -52,17 +54,17 @@ class SearcherInfo:
 
 
 SEARCHERS: dict[str, SearcherInfo] = {s.name: s for s in (
-    SearcherInfo("evopress", batched=True, resumable=True, generational=True, builder="raypress.search.evolution:build",
+    SearcherInfo("evopress", batched=True, many_starts=True, resumable=True, generational=True, builder="raypress.search.evolution:build",
                  summary="EvoPress: level-switch mutations + multi-step selection"),
-    SearcherInfo("pareto", resumable=True, front=True, builder="raypress.search.pareto:build",
+    SearcherInfo("pareto", resumable=True, many_starts=True, front=True, builder="raypress.search.pareto:build",
                  summary="the quality-size front: an EvoPress search per budget of searcher.budgets, side by side"),
     SearcherInfo("random", batched=True, resumable=True, builder="raypress.search.random:build",
                  summary="random feasible configs"),
-    SearcherInfo("tpe", sequential=True, resumable=True, builder="raypress.search.optuna:build",
+    SearcherInfo("tpe", sequential=True, many_starts=True, resumable=True, builder="raypress.search.optuna:build",
                  summary="Optuna TPE (windowed)"),
-    SearcherInfo("cmaes", sequential=True, resumable=True, builder="raypress.search.optuna:build",
+    SearcherInfo("cmaes", sequential=True, many_starts=True, resumable=True, builder="raypress.search.optuna:build",
                  summary="Optuna CMA-ES"),
-    SearcherInfo("nsga2", sequential=True, resumable=True, builder="raypress.search.optuna:build",
+    SearcherInfo("nsga2", sequential=True, many_starts=True, resumable=True, builder="raypress.search.optuna:build",
                  summary="Optuna NSGA-II"),
     SearcherInfo("uniform", one_shot=True, summary="every layer at the target (or the closest feasible mix)"),
     SearcherInfo("owl", one_shot=True, summary="OWL: outlier-weighted layerwise sparsity"),
