@@ -3,7 +3,7 @@
 # quant-only and sparsity-only searches vs one (sparsity, bits) pair everywhere, at three budgets in
 # stored bits per weight of the linear layers (3.125 = 19.5%, 4.0 = 25%, 5.25 = 32.8% of fp16).
 # Every budget is the exact size of a uniform pair, so "uniform" is compared at the same bytes.
-#   bash bench/joint_budgets.sh [phase...]   phases: uniform dp (= dp_joint dp_quant dp_sparse) evo (= evo_joint evo_quant) front8   (default: all; ~70 min on 2 cores)
+#   bash bench/joint_budgets.sh [phase...]   phases: uniform dp (= dp_joint dp_quant dp_sparse) evo (= evo_joint evo_quant) front8 seeds   (default: uniform dp evo; ~70 min on 2 cores)
 # then: .venv/bin/python bench/joint_table.py  (the table, and bench/results/joint_budgets.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,5 +45,14 @@ for p in $phases; do case $p in
       --set "searcher.budgets=[3.125, 3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.25]"
     run alone4.5 search --config $Y "${F[@]}" --set target=4.5
     run alone4.5_seed1 search --config $Y "${F[@]}" --set target=4.5 --set searcher.seed=1 ;;
-  *) echo "unknown phase $p (uniform dp evo front8)" >&2; exit 2 ;;
+  seeds)  # seed noise of both searches at one budget (seed 0 is the pareto run's point: same seed, same result)
+    SB=${SEED_BUDGET:-5.25}
+    for seed in ${SEEDS:-1 2}; do
+      for fam in joint quant; do
+        L=$JOINT; [ $fam = quant ] && L=$QUANT
+        run "evo_${fam}_${SB}_seed${seed}" search --config $Y --set "levels=$L" "${EVO[@]}" --set searcher.name=evopress \
+          --set target=$SB --set searcher.seed=$seed
+      done
+    done ;;
+  *) echo "unknown phase $p (uniform dp evo front8 seeds)" >&2; exit 2 ;;
 esac; done

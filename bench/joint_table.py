@@ -3,7 +3,8 @@
 Reads result.json (one-budget runs and compare children) and pareto.json (fronts) below
 raypress_runs/joint_budgets, prints markdown tables and writes bench/results/joint_budgets.json:
   1. budgets x methods (joint / quant-only / sparsity-only searches and schedules, one pair everywhere);
-  2. the 8-point front next to the same budget searched alone (same seed, and seed 1 for noise).
+  2. the 8-point front next to the same budget searched alone (same seed, and seed 1 for noise);
+  3. seed noise of the joint and quant-only EvoPress at one budget (phase seeds).
     .venv/bin/python bench/joint_table.py [folder]
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ root = Path(sys.argv[1] if len(sys.argv) > 1 else "raypress_runs/joint_budgets")
 table: dict[float, dict[str, float]] = {}
 alone: dict[str, dict] = {}
 front8: list[dict] = []
+seeds: dict[str, dict[int, float]] = {}  # "joint 5.25" -> {seed: held-out ppl}
 dense = set()
 
 
@@ -33,6 +35,9 @@ for res in sorted(root.glob("*/**/result.json")):
         put(cfg["target"], f"pair {s:g} + {b} bit", r["ppl_best"])
     elif group.startswith("dp_"):
         put(cfg["target"], f"{group[3:]}-only {cfg['searcher']['name']}".replace("joint-only", "joint"), r["ppl_best"])
+    elif group.startswith("evo_") and "_seed" in group:  # phase seeds: evo_<family>_<budget>_seed<n>
+        fam = group.split("_")[1]
+        seeds.setdefault(f"{fam} {cfg['target']:g}", {})[cfg["searcher"]["seed"]] = round(r["ppl_best"], 2)
     elif group.startswith("alone"):
         alone[group] = {"budget": cfg["target"], "seed": cfg["searcher"]["seed"], "ppl": r["ppl_best"],
                         "kl": r["kl_best"], "evaluations": r["evaluations"]}
@@ -44,6 +49,7 @@ for pj in sorted(root.glob("*/**/pareto.json")):
     else:  # evo_joint, evo_quant
         for p in points:
             put(p["budget"], f"{group[4:]}{'' if group == 'evo_joint' else '-only'} evopress", p["ppl"])
+            seeds.setdefault(f"{group[4:]} {p['budget']:g}", {})[0] = round(p["ppl"], 2)
 
 cols = sorted({c for r in table.values() for c in r}, key=lambda c: (not c.startswith("joint"), "pair" in c, c))
 print("| bits/weight (share of fp16) | " + " | ".join(cols) + " |")
@@ -62,8 +68,16 @@ if front8:
 for name, a in sorted(alone.items()):
     print(f"{name}: budget {a['budget']:g} seed {a['seed']}: ppl {a['ppl']:.2f} KL {a['kl']:.4f} "
           f"({a['evaluations']} evaluations)")
+seeds = {k: v for k, v in seeds.items() if len(v) > 1}  # budgets the seeds phase ran
+for key, by_seed in sorted(seeds.items()):
+    v = [by_seed[k] for k in sorted(by_seed)]
+    mean = sum(v) / len(v)
+    sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+    print(f"{key} bits, EvoPress over seeds {sorted(by_seed)}: ppl {', '.join(f'{x:.2f}' for x in v)}; "
+          f"mean {mean:.2f} +- {sd:.2f} (sd)")
 out = Path(__file__).parent / "results" / "joint_budgets.json"
 out.parent.mkdir(exist_ok=True)
 out.write_text(json.dumps({"table": {str(k): v for k, v in sorted(table.items())}, "dense": sorted(dense),
-                           "front8": front8, "alone": alone}, indent=1))
+                           "front8": front8, "alone": alone,
+                           "seeds": {k: {str(s): p for s, p in v.items()} for k, v in seeds.items()}}, indent=1))
 print("wrote", out)

@@ -44,8 +44,14 @@ def run_cli(argv, hook=None, num_cpus=2):
         globals()[hook]()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", runtime_env=rt)
     from raypress.cli import main
+    from raypress.ray_env import _quiet_shutdown
 
-    sys.exit(main(argv))
+    rc = main(argv)
+    # this harness started Ray, so main() leaves it running (a Ray the caller started is the caller's);
+    # shut it down as the CLI shuts down its own, not at interpreter exit, where Ray's atexit hook
+    # prints the killed workers' last words after the command's one line
+    _quiet_shutdown(ray)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
