@@ -13,9 +13,9 @@ Y=search_spaces/smollm2_joint.yaml
 BUDGETS=${BUDGETS:-3.125,4.0,5.25}
 GENS=${GENS:-12}
 # the search settings shared by every EvoPress run (joint and quant-only): cheap stages for 2 CPU cores
-EVO=(--set searcher.name=pareto --set "searcher.budgets=[${BUDGETS}]" --set target=${BUDGETS##*,}
-     --set "searcher.init=[uniform, dp]" --set searcher.generations=$GENS --set searcher.offspring=8
-     --set "searcher.stages=[[512, 2], [2048, 1]]")
+ONE=(--set "searcher.init=[uniform, dp]" --set searcher.generations=$GENS --set searcher.offspring=8
+     --set "searcher.stages=[[512, 2], [2048, 1]]")   # one budget's evolution
+EVO=("${ONE[@]}" --set searcher.name=pareto --set "searcher.budgets=[${BUDGETS}]" --set target=${BUDGETS##*,})
 # joint: the default ladder plus 5- and 6-bit dense and the 25% pair 31%+4 bit
 JOINT="[[0,16],[0,8],[0.25,8],[0.5,8],[0,6],[0,5],[0,4],[0.25,4],[0.625,8],[0.3125,4],[0.25,3],[0,3],[0.5,4],[0.75,8],[0.5,3],[0.625,4],[0.625,3],[0.75,4],[0.75,3]]"
 QUANT="[[0,16],[0,8],[0,6],[0,5],[0,4],[0,3],[0,2]]"
@@ -50,7 +50,7 @@ for p in $phases; do case $p in
     for seed in ${SEEDS:-1 2}; do
       for fam in joint quant; do
         L=$JOINT; [ $fam = quant ] && L=$QUANT
-        run "evo_${fam}_${SB}_seed${seed}" search --config $Y --set "levels=$L" "${EVO[@]}" --set searcher.name=evopress \
+        run "evo_${fam}_${SB}_seed${seed}" search --config $Y --set "levels=$L" "${ONE[@]}" --set searcher.name=evopress \
           --set target=$SB --set searcher.seed=$seed
       done
     done ;;

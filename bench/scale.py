@@ -237,7 +237,9 @@ def main(argv=None) -> int:
               f"{r.get('gpu_peak_bytes', 0) / 2**30:8.1f}G")
         if "evaluator_host_rss_peak" in r:
             print(f"      evaluator: host RSS peak {r['evaluator_host_rss_peak'] / 2**30:.1f} GiB, variants held "
-                  f"({r['hold']}) {r['held_bytes'] / 2**30:.1f} GiB, start {r['evaluator_start_s']:.1f} s")
+                  f"({r['hold']}) {r['held_bytes'] / 2**30:.1f} GiB, start {r['evaluator_start_s']:.1f} s, "
+                  f"teacher pages computed {r['evaluator_stats'].get('teacher_pages', '?')} "
+                  f"({r['evaluator_stats']['teacher_forwards']} forwards)")
     b = report["build"]
     print(f"build: {b['seconds']:.1f} s ({b['s_per_block']:.2f} s/block, {b['levels']} levels, {b['method']} on "
           f"{b['device']}), driver RSS peak {b['driver_rss_peak_bytes'] / 2**30:.2f} GiB, build GPU peak "

@@ -71,6 +71,9 @@ class EvaluatorConfig:
     mode: str = "resident"
     gpus_per_evaluator: int = 1  # device_map: GPUs each evaluator spans (Ray num_gpus)
     teacher_memory: str = "device"  # where cached teacher logits live: device | pinned (host)
+    # GiB of cached teacher pages per evaluator (null: a quarter of the GPU memory the model leaves,
+    # on CPU 15% of RAM; at most 16); beyond it the least recently used pages are recomputed
+    teacher_cache_gb: float | None = None
     # GiB each evaluator may allocate on its GPU (null: all of it); a model bigger than this needs mode=streamed
     max_gpu_memory: float | None = None
     # candidates scored per Ray Tune trial (amortizes Tune's per-trial cost); auto: a stage's
@@ -296,6 +299,10 @@ def validate(cfg: Config) -> Config:
     if mgm is not None and (isinstance(mgm, bool) or not isinstance(mgm, (int, float)) or not mgm > 0):
         raise RayPressError(f"evaluator.max_gpu_memory is GiB per evaluator (e.g. 40) or null for the whole GPU, "
                             f"got {mgm!r}")
+    tc = ev.teacher_cache_gb
+    if tc is not None and (isinstance(tc, bool) or not isinstance(tc, (int, float)) or not 0 <= tc < 2**20):
+        raise RayPressError(f"evaluator.teacher_cache_gb is GiB of cached teacher logits per evaluator (e.g. 8, 0 "
+                            f"to recompute them for every batch) or null for auto, got {tc!r}")
     cpt = ev.candidates_per_trial
     if cpt != "auto" and not (isinstance(cpt, int) and not isinstance(cpt, bool) and cpt >= 1):
         raise RayPressError(f"evaluator.candidates_per_trial must be auto or an integer >= 1, got {cpt!r}")

@@ -358,6 +358,12 @@ def calib_hash(calib: np.ndarray) -> str:
 def sample_batch(calib: np.ndarray, n_tokens: int, seed: int, generation: int, stage: int) -> np.ndarray:
     """ceil(n_tokens/seq_len) distinct rows of `calib`, drawn by default_rng([seed, generation, stage])."""
     calib = np.asarray(calib)
+    return np.ascontiguousarray(calib[sample_rows(calib, n_tokens, seed, generation, stage)], dtype=np.int64)
+
+
+def sample_rows(calib: np.ndarray, n_tokens: int, seed: int, generation: int, stage: int) -> np.ndarray:
+    """The row indices sample_batch takes (the evaluator keys its teacher cache on rows, not batches)."""
+    calib = np.asarray(calib)
     if calib.ndim != 2 or calib.shape[0] == 0:
         raise RayPressError(f"calibration set must be a non-empty [n_calib, seq_len] array, got shape {calib.shape}; "
                             "raise data.n_calib")
@@ -369,5 +375,4 @@ def sample_batch(calib: np.ndarray, n_tokens: int, seed: int, generation: int, s
             f"{n_tokens} tokens need {rows} calibration sequences of {seq_len} but only {n_calib} exist; raise "
             f"data.n_calib to at least {rows} or lower the stage token counts")
     key = [_check_int("seed", seed, 0), _check_int("generation", generation, 0), _check_int("stage", stage, 0)]
-    idx = np.random.default_rng(key).choice(n_calib, size=rows, replace=False)
-    return np.ascontiguousarray(calib[idx], dtype=np.int64)
+    return np.random.default_rng(key).choice(n_calib, size=rows, replace=False)

@@ -13,8 +13,10 @@ Modes (`EvaluatorSpec.mode`, config `evaluator.mode`):
                    swapped on the host copies. For models bigger than one GPU.
   * ``device_map`` one model spread over the evaluator's k GPUs (``from_pretrained(device_map=
                    "auto", max_memory=...)``; the actor asks Ray for num_gpus=k).
-The teacher cache (dense logits, full or top-k) lives on the device, or in pinned host memory
-(``teacher_memory="pinned"``) to leave the GPU to the model.
+The teacher (dense logits, full or top-k) is cached per page of `batch_size` calibration rows: the
+stages draw rows from one pool, so after the first generations every batch's teacher is a lookup, not
+a dense forward (EvoPress recomputes it each generation). Pages live on the device, or in pinned host
+memory (``teacher_memory="pinned"``), up to ``teacher_cache_bytes`` (least recently used go first).
 """
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ from ray import tune
 from . import data as rp_data
 from . import trial
 from .errors import RayPressError
-from .fitness import Teacher, kl_from_teacher, make_teacher, nll_sum
+from .fitness import Teacher, kl_from_teacher, make_teacher, nll_sum, teacher_rows
 MODES = ("resident", "streamed", "device_map")
 # where a candidate's time goes (Evaluator.stats; exact only with EvaluatorSpec.profile, which
-# synchronizes the GPU at each boundary): swapping variants in, the dense teacher forward (once per
-# stage batch), the candidate's forward pass, and the KL against the teacher
+# synchronizes the GPU at each boundary): swapping variants in, the dense teacher (a forward for the
+# pages not cached yet, a gather otherwise), the candidate's forward pass, and the KL against the teacher
 PHASES = ("swap_s", "teacher_s", "forward_s", "kl_s")
 TEACHER_MEMORY = ("device", "pinned")
 
@@ -70,7 +72,7 @@ def _oom_guard(fn):
         try:
             return fn(self, *args, **kwargs)
         except _OOM:
-            self._teachers.clear()
+            self._drop_teachers()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             topk = self.spec.kl_topk
@@ -96,7 +98,7 @@ class EvaluatorSpec:
     dtype: str = "auto"
     batch_size: int = 8
     kl_topk: int | None = None
-    teacher_cache: int = 4
+    teacher_cache_gb: float | None = None  # cached teacher pages (None: auto, see _teacher_budget)
     extra: dict = field(default_factory=dict)
     mode: str = "resident"  # resident | streamed | device_map (see module docstring)
     teacher_memory: str = "device"  # device | pinned (host)
@@ -143,16 +145,21 @@ class Evaluator:
         self.applier = spec.applier
         self.applier.attach(self.model, self.adapter)
         self.hold = self._hold_variants()
+        self.teacher_cache_bytes = self._teacher_budget()
         copy = getattr(self.applier, "shared_copy", None)
         self.db_copy = copy() if copy else None
         if getattr(self.applier, "cache_bytes", None) is not None and self.device.startswith("cuda") \
                 and self.mode != "streamed" and self.hold != "gpu":
             # reuse device copies of variants: a swap is then a pointer change, not a host->device copy
-            self.applier.cache_bytes = int(self._gpu_free() * spec.variant_cache)
+            free = self._gpu_free() - (self.teacher_cache_bytes if spec.teacher_memory == "device" else 0)
+            self.applier.cache_bytes = int(max(free, 0) * spec.variant_cache)
         self.calib = _get(spec.calib)
         self.eval_tokens = _get(spec.eval)
-        self._teachers: OrderedDict = OrderedDict()
+        self._pages: OrderedDict = OrderedDict()  # (split, page) -> Teacher of batch_size rows
+        self._page_bytes = 0
+        self._gathered = None  # (split, rows) -> the last batch's teachers, gathered from pages
         self.stats = {"evaluations": 0, "tokens": 0, "changed_units": 0, "seconds": 0.0, "teacher_forwards": 0,
+                      "teacher_pages": 0,
                       "hold": self.hold, **{k: 0.0 for k in PHASES}}
 
     # -- memory ------------------------------------------------------------------------------
@@ -335,16 +342,51 @@ class Evaluator:
                 setattr(teacher, k, v.cpu().pin_memory())
         return teacher
 
-    def _teacher(self, key, ids: np.ndarray) -> list[Teacher]:
-        if key in self._teachers:
-            self._teachers.move_to_end(key)
-            return self._teachers[key]
-        self.applier.reset()
-        teachers = [self._keep(make_teacher(logits, self.spec.kl_topk)) for _, logits in self._forward(ids)]
-        self.stats["teacher_forwards"] += 1
-        self._teachers[key] = teachers
-        while len(self._teachers) > self.spec.teacher_cache:
-            self._teachers.popitem(last=False)
+    def _teacher_budget(self) -> int:
+        """Bytes of teacher pages to keep: evaluator.teacher_cache_gb, else a quarter of the GPU memory
+        left once the model and its variants are placed (pinned: of host memory), at most 16 GiB."""
+        if self.spec.teacher_cache_gb is not None:
+            return int(self.spec.teacher_cache_gb * 2**30)
+        if self.device.startswith("cuda") and self.spec.teacher_memory == "device":
+            return min(self._gpu_free() // 4, 16 * 2**30)
+        import psutil
+
+        return min(psutil.virtual_memory().total * 15 // 100, 16 * 2**30)
+
+    def _drop_teachers(self):
+        self._pages.clear()
+        self._page_bytes = 0
+        self._gathered = None
+
+    def _teachers(self, split: str, tokens: np.ndarray, rows: np.ndarray) -> list[Teacher]:
+        """The teacher of each forward micro-batch of tokens[rows]. Pages (batch_size consecutive rows of
+        the split) are computed whole, so a row's teacher does not depend on which batch asked first."""
+        key = (split, tuple(int(r) for r in rows))
+        if self._gathered is not None and self._gathered[0] == key:  # every candidate of a stage: same rows
+            return self._gathered[1]
+        bs, seq = self.spec.batch_size, tokens.shape[1]
+        need = sorted({int(r) // bs for r in rows})
+        have = {}
+        for p in need:
+            if (split, p) in self._pages:
+                self._pages.move_to_end((split, p))
+                have[p] = self._pages[(split, p)]
+        missing = [p for p in need if p not in have]
+        if missing:  # one forward pass over the missing pages (one stream of the model in streamed mode)
+            self.applier.reset()
+            # only the split's last page can be short, and it sorts last: micro-batches stay pages
+            ids = np.concatenate([tokens[p * bs:(p + 1) * bs] for p in missing])
+            for p, (_, logits) in zip(missing, self._forward(ids)):
+                have[p] = self._pages[(split, p)] = self._keep(make_teacher(logits, self.spec.kl_topk))
+                self._page_bytes += have[p].nbytes
+            self.stats["teacher_forwards"] += 1
+            self.stats["teacher_pages"] += len(missing)
+            while self._page_bytes > self.teacher_cache_bytes and self._pages:  # this call keeps its own in `have`
+                self._page_bytes -= self._pages.popitem(last=False)[1].nbytes
+        n = seq - 1  # next-token rows per sequence
+        teachers = [teacher_rows([(have[int(r) // bs], int(r) % bs * n, (int(r) % bs + 1) * n) for r in rows[i:i + bs]])
+                    for i in range(0, len(rows), bs)]
+        self._gathered = (key, teachers)
         return teachers
 
     # -- API -------------------------------------------------------------------------------
@@ -354,8 +396,9 @@ class Evaluator:
         """KL(dense ‖ config) on the (seed, generation, stage) calibration batch."""
         st = self.stats
         t0 = self._tick()
-        ids = rp_data.sample_batch(self.calib, n_tokens, seed, generation, stage)
-        teachers = self._teacher((n_tokens, seed, generation, stage), ids)
+        rows = rp_data.sample_rows(self.calib, n_tokens, seed, generation, stage)
+        ids = np.ascontiguousarray(self.calib[rows], dtype=np.int64)
+        teachers = self._teachers("calib", self.calib, rows)
         t1 = self._tick()
         changed = self.applier.apply(levels)
         t = self._tick()
@@ -407,7 +450,7 @@ class Evaluator:
     @torch.no_grad()
     def heldout(self, levels: dict[str, int]) -> tuple[float, float]:
         """(perplexity, KL from dense) of the config on the held-out split."""
-        teachers = self._teacher("heldout", self.eval_tokens)
+        teachers = self._teachers("eval", self.eval_tokens, np.arange(len(self.eval_tokens)))
         self.applier.apply(levels)
         nll, kl, count = 0.0, 0.0, 0
         for (batch, logits), teacher in zip(self._forward(self.eval_tokens), teachers):
@@ -428,7 +471,7 @@ class Evaluator:
         for prm in self.model.parameters():
             d = str(prm.device)
             by_dev[d] = by_dev.get(d, 0) + prm.numel() * prm.element_size()
-        teach = sum(t.nbytes for ts in self._teachers.values() for t in ts)
+        teach = self._page_bytes
         import resource
 
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.startswith("cuda") else 0

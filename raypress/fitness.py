@@ -28,6 +28,26 @@ class Teacher:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
+def teacher_rows(parts: list[tuple[Teacher, int, int]]) -> Teacher:
+    """One teacher from the token rows [start, stop) of cached teachers, in order."""
+    merged: list[list] = []
+    for t, a, b in parts:  # adjacent ranges of one teacher are one slice
+        if merged and merged[-1][0] is t and merged[-1][2] == a:
+            merged[-1][2] = b
+        else:
+            merged.append([t, a, b])
+    parts = [tuple(m) for m in merged]
+    if len(parts) == 1:
+        t, a, b = parts[0]
+        if a == 0 and b == (t.logp if t.logp is not None else t.topk_logp).shape[0]:
+            return t  # a whole cached teacher: no copy
+    cat = {}
+    for k in ("logp", "topk_logp", "topk_idx", "rest_mass"):
+        vs = [getattr(t, k) for t, _, _ in parts]
+        cat[k] = None if vs[0] is None else torch.cat([v[a:b] for v, (_, a, b) in zip(vs, parts)])
+    return Teacher(**cat)
+
+
 def _flat_logits(logits: torch.Tensor) -> torch.Tensor:
     """[B, T, V] -> [B*(T-1), V] float32: drop the last position (no next token)."""
     return logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()

@@ -124,9 +124,15 @@ def resources(cfg, cluster: str | None = None, model=None) -> dict:
     evaluators = max(1, nodes * gpus // k) if gpus else 1
     dev = "cuda" if gpus else "cpu"
     ebytes = 2 if (cfg.evaluator.dtype == "auto" and dev == "cuda") else _BYTES.get(cfg.evaluator.dtype, 4)
-    tokens = max(t for t, _ in cfg.searcher.stages)
     vocab = int(getattr(model.config, "vocab_size", 0))
-    teacher = tokens * (8 * cfg.evaluator.kl_topk if cfg.evaluator.kl_topk else 4 * vocab)
+    # the evaluator caches the teacher of every calibration row it has drawn, up to its page budget
+    # (evaluator.teacher_cache_gb, auto: a quarter of the GPU at most 16 GiB; at least one stage's worth)
+    per_token = 12 * cfg.evaluator.kl_topk + 4 if cfg.evaluator.kl_topk else 4 * vocab
+    pool = cfg.data.n_calib * (cfg.data.seq_len - 1) * per_token
+    stage = max(t for t, _ in cfg.searcher.stages) * per_token
+    cap = (cfg.evaluator.teacher_cache_gb * 2**30 if cfg.evaluator.teacher_cache_gb is not None
+           else min(gb * 2**30 // 4, 16 * 2**30) if gb else 16 * 2**30)
+    teacher = int(max(min(pool, cap), stage)) if cfg.evaluator.teacher_memory == "device" else 0
     on_gpu = total * ebytes if cfg.evaluator.mode != "streamed" else (outside + 2 * block_params) * ebytes
     # a forward batch's logits in the model dtype, their next-token copy, and the KL's float32 work on
     # fitness.CHUNK_ELEMENTS at a time (~5 copies: upcast, log-softmax, teacher exp, difference, product)

@@ -175,6 +175,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             kl_topk=cfg.evaluator.kl_topk,
             mode=cfg.evaluator.mode,
             teacher_memory=cfg.evaluator.teacher_memory,
+            teacher_cache_gb=cfg.evaluator.teacher_cache_gb,
             db_placement=cfg.database.placement,
             max_gpu_memory=cfg.evaluator.max_gpu_memory,
         )

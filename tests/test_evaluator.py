@@ -102,3 +102,37 @@ def test_variant_cache_reuses_copies_within_its_bound(setup):
     one = max(t.numel() * t.element_size() for t in ap._cache.values())
     ap2, _, _, _ = weights_and_logits(2 * one)
     assert 0 < ap2._cached_bytes <= 2 * one and len(ap2._cache) <= 2  # least recently used evicted
+
+
+def test_teacher_pages_are_computed_once_and_match_a_per_batch_teacher(setup):
+    """Stages draw rows from one pool: the teacher of a row is computed once (a page of batch_size rows)
+    and later batches only gather it; the KL equals one computed against that batch's own dense forward."""
+    import dataclasses
+
+    import torch
+
+    from raypress import data as rp_data
+    from raypress.fitness import kl_from_teacher, make_teacher
+
+    db, spec, space = setup
+    spec = dataclasses.replace(spec, batch_size=4)
+    ev = Evaluator(spec)
+    u = space.uniform()
+    n_pages = -(-len(ev.calib) // 4)
+    fits = [ev.score(u, 256, seed=0, generation=g)["fitness"] for g in range(12)]  # 4 rows of 64 per batch
+    assert 0 < ev.stats["teacher_pages"] <= n_pages  # 12 batches of 4 random rows: each page once
+    assert ev.stats["teacher_pages"] < 12 * 2
+    # the same batch scored against its own dense forward (the per-batch teacher of before)
+    rows = rp_data.sample_rows(ev.calib, 256, 0, 11, 0)
+    ids = torch.as_tensor(ev.calib[rows])
+    with torch.no_grad():
+        ev.applier.reset()
+        teacher = make_teacher(ev.model(ids).logits)
+        ev.applier.apply(u)
+        direct = kl_from_teacher(teacher, ev.model(ids).logits)
+    assert abs(direct - fits[-1]) < 1e-5 * max(1.0, direct)
+    # no cache: every batch computes its pages again, and scores the same
+    ev0 = Evaluator(dataclasses.replace(spec, teacher_cache_gb=0))
+    again = [ev0.score(u, 256, seed=0, generation=g)["fitness"] for g in range(12)]
+    assert ev0.stats["teacher_pages"] >= 12 and ev0.memory()["teacher"] == 0
+    np.testing.assert_allclose(again, fits, rtol=1e-6)
