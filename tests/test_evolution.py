@@ -194,6 +194,28 @@ def test_initial_warm_start_and_search_properties():
         evo(generations=0)
 
 
+def test_random_search_scores_its_warm_start_first_and_resumes_with_it():
+    """searcher.init for random search: sample 0 is the start (repaired onto the budget if needed), so
+    the result is never behind it; the start survives a state round trip."""
+    good = min((SPACE.random_feasible(np.random.default_rng(i)) for i in range(200)), key=true_fitness)
+    r = RandomSearcher(SPACE, n_samples=6, n_tokens=256, seed=0, start=good)
+    first = r.suggest("a")
+    assert strip(first) == good
+    r.on_trial_complete("a", {"fitness": true_fitness(good)})
+    drive(r, fitness=true_fitness)
+    assert r.finished and r.evaluations == 6 and true_fitness(r.best_config) <= true_fitness(good)
+    plain = RandomSearcher(SPACE, n_samples=6, n_tokens=256, seed=0)
+    drive(plain, fitness=true_fitness)
+    assert true_fitness(plain.best_config) > true_fitness(good)  # the 6 samples alone do not find it
+    half = RandomSearcher(SPACE, n_samples=6, n_tokens=256, seed=0, start=good)
+    restored = RandomSearcher(SPACE, n_samples=6, n_tokens=256, seed=0)
+    restored.set_state(json.loads(json.dumps(half.get_state())))
+    assert strip(restored.suggest("b")) == good
+    bad = dict(good)
+    bad[SPACE.layers[0]] = (bad[SPACE.layers[0]] + 1) % 10
+    assert SPACE.is_feasible(RandomSearcher(SPACE, n_samples=2, start=bad).sample(0))
+
+
 def test_several_starts_compete_in_the_first_generation_and_the_best_becomes_the_parent():
     """searcher.init: [a, b]: generation 0 scores both starts beside a's offspring (6 + 2 configs
     in stage 0) and multi-step selection keeps the better start; later generations breed from it

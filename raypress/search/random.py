@@ -1,7 +1,8 @@
 """Random search baseline: `n_samples` feasible configs (space.random_feasible), each scored
 once at the final-stage token count, all on the same calibration tokens (generation 0, stage 0)
 so their fitnesses compare fairly. Same trial-config keys, history, best_* and JSON state API as
-EvoPressSearcher. Sample i is a pure function of (seed, i), so re-queues and restores are exact.
+EvoPressSearcher. Sample i is a pure function of (seed, i), so re-queues and restores are exact;
+with a warm start (searcher.init: dp) sample 0 is that schedule, so the result is never behind it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class RandomSearcher(RayPressSearcher):
     def __init__(self, space, *, n_samples: int, n_tokens: int = 2048, seed: int = 0,
                  metric: str = "fitness", mode: str = "min", n_steps: int | None = None,
                  max_step: int = 4, three_way: float = 0.0, history_every: int | None = None,
-                 max_retries: int = 3):
+                 max_retries: int = 3, start: dict | None = None):
         if int(n_samples) < 1 or int(n_tokens) < 1:
             raise RayPressError("n_samples and n_tokens must be >= 1 (e.g. n_samples=200, n_tokens=2048)")
         super().__init__(space, seed=seed, metric=metric, mode=mode, max_retries=max_retries)
@@ -39,9 +40,19 @@ class RandomSearcher(RayPressSearcher):
         self._best_index: int | None = None
         self._cache: dict[int, np.ndarray] = {}
         self.best_config = space.uniform()
+        self.start = None if start is None else self._feasible(space.config_to_array(start))
+
+    def _feasible(self, arr: np.ndarray) -> np.ndarray:
+        if self.space.is_feasible(arr):
+            return arr
+        log.warning("warm start is off budget (mean value %.4g vs target %g); repairing it",
+                    self.space.mean_value(arr), self.space.target)
+        return self.space.config_to_array(self.space.repair(arr, np.random.default_rng(self.seed)))
 
     def sample(self, index: int) -> np.ndarray:
-        """Sample `index` (deterministic in (seed, index))."""
+        """Sample `index` (deterministic in (seed, index)); sample 0 is the warm start if one was given."""
+        if index == 0 and self.start is not None:
+            return self.start
         arr = self._cache.get(index)
         if arr is None:
             rng = np.random.Generator(np.random.PCG64([self.seed, int(index)]))
@@ -108,6 +119,7 @@ class RandomSearcher(RayPressSearcher):
             "done": self.done,
             "chunk": list(self._chunk),
             "best_index": self._best_index,
+            "start": None if self.start is None else [int(x) for x in self.start],
         })
         return s
 
@@ -124,6 +136,8 @@ class RandomSearcher(RayPressSearcher):
         self.done = int(state["done"])
         self._chunk = [float(f) for f in state["chunk"]]
         self._best_index = state.get("best_index")
+        start = state.get("start")
+        self.start = None if start is None else np.asarray(start, dtype=np.int64)
         self._cache = {}
         if self.best_config is None:
             self.best_config = self.space.uniform()
@@ -133,9 +147,13 @@ def build(name, cfg, space, initial=None, state=None) -> RandomSearcher:
     """The registry's builder: the evaluation budget of search/registry.evaluation_budget."""
     from .registry import evaluation_budget
 
+    from ..config import init_names
+    from .registry import DEFAULT_INIT
+
     n, tokens = evaluation_budget(cfg)
+    warm = init_names(cfg) != [DEFAULT_INIT]  # a schedule the user named; random takes at most one
     searcher = RandomSearcher(space, n_samples=n, n_tokens=tokens, seed=cfg.searcher.seed,
-                              three_way=cfg.searcher.three_way)
+                              three_way=cfg.searcher.three_way, start=initial if warm else None)
     if state is not None:
         searcher.set_state(state)
     return searcher
