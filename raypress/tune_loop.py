@@ -25,6 +25,7 @@ def atomic_write(path: Path, obj) -> None:
 
 
 PROGRESS_EVERY_S = 10.0  # at most one progress line this often (an EvoPress generation always gets one)
+HEARTBEAT_S = 45.0  # a generation longer than this (big models, busy cores) gets in-progress lines too
 
 
 def _clock(s: float) -> str:
@@ -60,6 +61,17 @@ METRIC_NAMES = {
            "elite_kl_monitor": "elite_kl_monitor", "best_kl_monitor": "best_kl_monitor"},
     False: {"best_fitness": "best_kl_so_far", "median_fitness": "recent_median_kl"},
 }
+
+
+def heartbeat_line(searcher, total_evals: int, generations: int | None, elapsed: float) -> str:
+    """A line from inside a long generation (no history entry yet): evaluations so far, speed, ETA."""
+    done = int(getattr(searcher, "evaluations", 0))
+    gen = getattr(searcher, "generation", None)
+    where = f"gen {int(gen) + 1}/{generations} running" if generations and gen is not None else f"eval {done}/{total_evals}"
+    rate = done / max(elapsed, 1e-9)
+    eta = (total_evals - done) / rate if rate > 0 and total_evals > done else float("nan")
+    return (f"  {where}  {done}/{total_evals} evals  {rate:.2f} evals/s  {int(getattr(searcher, 'tokens', 0)):,} tokens  "
+            f"{_clock(elapsed)} elapsed  ETA {_clock(eta) if eta == eta else '?'}")
 
 
 def history_metrics(h: dict, generational: bool) -> dict:
@@ -101,6 +113,12 @@ def generation_logger(searcher, tracker, t0: float, total_evals: int = 0, genera
                 if generations or now - self.last >= PROGRESS_EVERY_S or (final and i == len(new) - 1):
                     log.info(progress_line(h, total_evals, generations, now - t0))
                     self.last = now
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.time()
+            if now - max(self.last, t0) >= HEARTBEAT_S and interrupt.pending() is None:
+                log.info(heartbeat_line(searcher, total_evals, generations, now - t0))
+                self.last = now
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._flush()

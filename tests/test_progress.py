@@ -16,10 +16,15 @@ def test_progress_line_says_where_how_fast_and_when():
     assert "elite KL (monitor) 0.2100" in progress_line({**h, "elite_kl_monitor": 0.21}, 384, 24, 240.0)
 
 
-def test_search_prints_a_line_per_generation(tmp_path, ray_session, mlflow_uri, wikitext_path, caplog):
+def test_search_prints_a_line_per_generation(tmp_path, ray_session, mlflow_uri, wikitext_path, caplog, monkeypatch):
+    """... and lines from inside a generation that runs longer than HEARTBEAT_S (here: 0 s), so a slow
+    machine or a big model is never silent for a whole generation."""
     from _tiny import tiny_llama
+    from raypress import tune_loop
     from raypress.config import load_config
     from raypress.runner import run_search
+
+    monkeypatch.setattr(tune_loop, "HEARTBEAT_S", 0.0)
 
     cfg = load_config(None, [
         f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=16",
@@ -29,7 +34,11 @@ def test_search_prints_a_line_per_generation(tmp_path, ray_session, mlflow_uri, 
         run_search(cfg)
     lines = [r.getMessage() for r in caplog.records if r.name == "raypress.progress"]
     assert lines[0].startswith("  magnitude database: 14/14 layers"), lines  # the build's final line
-    lines = [l for l in lines if l.startswith("  gen ")]
+    beats = [l for l in lines if " running " in l]
+    assert beats and all(l.startswith("  gen ") and "evals/s" in l and "ETA" in l for l in beats), beats
+    done = [int(l.split(" running  ")[1].split("/")[0]) for l in beats]
+    assert done == sorted(done)  # evaluations so far, never going back
+    lines = [l for l in lines if l.startswith("  gen ") and " running " not in l]
     assert [l.split()[1] for l in lines] == ["1/3", "2/3", "3/3"], lines
     assert lines[-1].rstrip().endswith("ETA 0m00s")
 
