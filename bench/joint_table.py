@@ -5,6 +5,8 @@ raypress_runs/joint_budgets, prints markdown tables and writes bench/results/joi
   1. budgets x methods (joint / quant-only / sparsity-only searches and schedules, one pair everywhere);
   2. the 8-point front next to the same budget searched alone (same seed, and seed 1 for noise);
   3. seed noise of the joint and quant-only EvoPress at one budget (phase seeds).
+Phases run at different times add up: entries the folder lacks are kept from the previous JSON and
+listed under "carried".
     .venv/bin/python bench/joint_table.py [folder]
 """
 from __future__ import annotations
@@ -51,6 +53,24 @@ for pj in sorted(root.glob("*/**/pareto.json")):
             put(p["budget"], f"{group[4:]}{'' if group == 'evo_joint' else '-only'} evopress", p["ppl"])
             seeds.setdefault(f"{group[4:]} {p['budget']:g}", {})[0] = round(p["ppl"], 2)
 
+# phases run on different days add up: what this folder lacks is kept from the previous results file,
+# and listed under "carried" (so a number's run is always traceable)
+out = Path(__file__).parent / "results" / "joint_budgets.json"
+carried: list[str] = []
+if out.is_file():
+    prev = json.loads(out.read_text())
+    for b, row in prev.get("table", {}).items():
+        for col, v in row.items():
+            if col not in table.get(round(float(b), 4), {}):
+                put(float(b), col, v)
+                carried.append(f"{b} {col}")
+    if not front8 and prev.get("front8"):
+        front8, carried = prev["front8"], carried + ["front8"]
+    for k, v in prev.get("alone", {}).items():
+        if k not in alone:
+            alone[k], carried = v, carried + [f"alone {k}"]
+    dense |= set(prev.get("dense", []))
+
 cols = sorted({c for r in table.values() for c in r}, key=lambda c: (not c.startswith("joint"), "pair" in c, c))
 print("| bits/weight (share of fp16) | " + " | ".join(cols) + " |")
 print("|---|" + "---|" * len(cols))
@@ -75,9 +95,10 @@ for key, by_seed in sorted(seeds.items()):
     sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
     print(f"{key} bits, EvoPress over seeds {sorted(by_seed)}: ppl {', '.join(f'{x:.2f}' for x in v)}; "
           f"mean {mean:.2f} +- {sd:.2f} (sd)")
-out = Path(__file__).parent / "results" / "joint_budgets.json"
+if carried:
+    print(f"kept from the previous {out.name} (not in {root}): {', '.join(carried)}")
 out.parent.mkdir(exist_ok=True)
 out.write_text(json.dumps({"table": {str(k): v for k, v in sorted(table.items())}, "dense": sorted(dense),
-                           "front8": front8, "alone": alone,
+                           "front8": front8, "alone": alone, "carried": carried,
                            "seeds": {k: {str(s): p for s, p in v.items()} for k, v in seeds.items()}}, indent=1))
 print("wrote", out)
