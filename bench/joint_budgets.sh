@@ -27,7 +27,7 @@ run() { local name=$1; shift; echo "== $name: raypress $*"; /usr/bin/time -f "$n
 
 for p in $phases; do case $p in
   uniform)  # one pair everywhere, at exactly each budget (one-level ladders)
-    for pair in "3.125:17/32,4" "3.125:3/8,3" "3.125:49/64,8" "4.0:5/16,4" "4.0:21/32,8" "5.25:0,5" "5.25:1/2,8" "5.25:1/3,6"; do
+    for pair in ${PAIRS:-3.125:17/32,4 3.125:3/8,3 3.125:49/64,8 4.0:5/16,4 4.0:21/32,8 5.25:0,5 5.25:1/2,8 5.25:1/3,6}; do
       t=${pair%%:*}; sb=${pair#*:}; s=$(python3 -c "from fractions import Fraction as F; print(float(F('${sb%%,*}')))"); b=${sb##*,}
       run "uniform_${t}_s${s}_b${b}" search --config $Y --set "levels=[[$s,$b]]" --set target=$t --set searcher.name=uniform
     done ;;
@@ -45,7 +45,8 @@ for p in $phases; do case $p in
       --set "searcher.budgets=[3.125, 3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.25]"
     run alone4.5 search --config $Y "${F[@]}" --set target=4.5
     run alone4.5_seed1 search --config $Y "${F[@]}" --set target=4.5 --set searcher.seed=1 ;;
-  seeds)  # seed noise of both searches at one budget (seed 0 is the pareto run's point: same seed, same result)
+  seeds)  # seed noise of both searches at one budget (seed 0 is the pareto run's point: same seed, same result);
+           # SEED_BUDGET=3.5 SEEDS=0: one more budget searched alone (PAIRS="3.5:7/16,4 3.5:1/4,3 3.5:23/32,8" uniform)
     SB=${SEED_BUDGET:-5.25}
     for seed in ${SEEDS:-1 2}; do
       for fam in joint quant; do

@@ -40,6 +40,8 @@ for res in sorted(root.glob("*/**/result.json")):
     elif group.startswith("evo_") and "_seed" in group:  # phase seeds: evo_<family>_<budget>_seed<n>
         fam = group.split("_")[1]
         seeds.setdefault(f"{fam} {cfg['target']:g}", {})[cfg["searcher"]["seed"]] = round(r["ppl_best"], 2)
+        if cfg["searcher"]["seed"] == 0:  # a budget searched alone: the pareto run's point, had it included it
+            put(cfg["target"], f"{fam}{'' if fam == 'joint' else '-only'} evopress", r["ppl_best"])
     elif group.startswith("alone"):
         alone[group] = {"budget": cfg["target"], "seed": cfg["searcher"]["seed"], "ppl": r["ppl_best"],
                         "kl": r["kl_best"], "evaluations": r["evaluations"]}
