@@ -80,6 +80,7 @@ def _oom_guard(fn):
                 f"out of memory on {self.device} evaluating batches of {self.spec.batch_size} sequences"
                 f"{'' if topk is None else f' (kl_topk {topk})'}; lower evaluator.batch_size"
                 f"{' or set evaluator.kl_topk=64 (keeps only the top-k teacher logits)' if topk is None else ''}"
+                f"{'' if self.spec.teacher_cache_gb == 0 else ', lower evaluator.teacher_cache_gb (cached teacher rows)'}"
                 ", or use a larger GPU"
             ) from None
 
