@@ -345,7 +345,8 @@ class Evaluator:
 
     def _teacher_budget(self) -> int:
         """Bytes of teacher pages to keep: evaluator.teacher_cache_gb, else a quarter of the GPU memory
-        left once the model and its variants are placed (pinned: of host memory), at most 16 GiB."""
+        left once the model and its variants are placed, or 15% of host RAM for pinned or CPU teachers;
+        at most 16 GiB."""
         if self.spec.teacher_cache_gb is not None:
             return int(self.spec.teacher_cache_gb * 2**30)
         if self.device.startswith("cuda") and self.spec.teacher_memory == "device":
