@@ -33,6 +33,12 @@ def _clock(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _speed(done: int, total_evals: int, elapsed: float) -> tuple[float, float]:
+    """(evaluations/s, seconds left at that rate; 0 when done or unknown)."""
+    rate = done / max(elapsed, 1e-9)
+    return rate, (total_evals - done) / rate if rate > 0 and total_evals > done else 0.0
+
+
 def progress_line(h: dict, total_evals: int, generations: int | None, elapsed: float) -> str:
     """One line of a search's progress: where it is, its fitness, its speed and when it ends."""
     done = int(h.get("evaluations", 0))
@@ -41,8 +47,7 @@ def progress_line(h: dict, total_evals: int, generations: int | None, elapsed: f
     if "budget" in h:  # a pareto search: one EvoPress generation of one budget
         where = f"budget {h['budget']:g} gen {int(h.get('generation', 0)) + 1}/{h.get('generations', '?')}"
         generations = generations or h.get("generations")
-    rate = done / max(elapsed, 1e-9)
-    eta = (total_evals - done) / rate if rate > 0 and total_evals > done else 0.0
+    rate, eta = _speed(done, total_evals, elapsed)
     monitor = f"  elite KL (monitor) {h['elite_kl_monitor']:.4f}" if "elite_kl_monitor" in h else ""
     # an evolution's best is its last stage's winner, its median the first stage's offspring (fewer,
     # other tokens: the two are not comparable); random / Optuna: best so far, median of the last few
@@ -68,10 +73,9 @@ def heartbeat_line(searcher, total_evals: int, generations: int | None, elapsed:
     done = int(getattr(searcher, "evaluations", 0))
     gen = getattr(searcher, "generation", None)
     where = f"gen {int(gen) + 1}/{generations} running" if generations and gen is not None else f"eval {done}/{total_evals}"
-    rate = done / max(elapsed, 1e-9)
-    eta = (total_evals - done) / rate if rate > 0 and total_evals > done else float("nan")
+    rate, eta = _speed(done, total_evals, elapsed)
     return (f"  {where}  {done}/{total_evals} evals  {rate:.2f} evals/s  {int(getattr(searcher, 'tokens', 0)):,} tokens  "
-            f"{_clock(elapsed)} elapsed  ETA {_clock(eta) if eta == eta else '?'}")
+            f"{_clock(elapsed)} elapsed  ETA {_clock(eta) if done else '?'}")
 
 
 def history_metrics(h: dict, generational: bool) -> dict:

@@ -122,6 +122,15 @@ class RayPressSearcher(Searcher):
         self._t0: float | None = None
         self.finished = False
 
+    def _start_array(self, config, rng) -> np.ndarray:
+        """A warm start as a level array on the budget: repaired (with a warning) when it is off it."""
+        arr = self.space.config_to_array(config)
+        if self.space.is_feasible(arr):
+            return arr
+        log.warning("initial config is off budget (mean value %.4g vs target %g); repairing it",
+                    self.space.mean_value(arr), self.space.target)
+        return self.space.config_to_array(self.space.repair(arr, rng))
+
     # ------------------------------------------------------------------ Tune hooks
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         """Accept Tune's metric/mode and its param_space, which must be our space (trial.tune_space)."""

@@ -67,11 +67,7 @@ class EvoPressSearcher(RayPressSearcher):
         starts = [space.uniform()] if initial is None else list(initial) if isinstance(initial, list) else [initial]
         arrs = []
         for start in starts:
-            arr = space.config_to_array(start)
-            if not space.is_feasible(arr):
-                log.warning("initial config is off budget (mean value %.4g vs target %g); repairing it",
-                            space.mean_value(arr), space.target)
-                arr = space.config_to_array(space.repair(arr, self.rng))
+            arr = self._start_array(start, self.rng)
             if not any(np.array_equal(arr, a) for a in arrs):
                 arrs.append(arr)
         parent, self._starts = arrs[0], arrs[1:]

@@ -40,14 +40,7 @@ class RandomSearcher(RayPressSearcher):
         self._best_index: int | None = None
         self._cache: dict[int, np.ndarray] = {}
         self.best_config = space.uniform()
-        self.start = None if start is None else self._feasible(space.config_to_array(start))
-
-    def _feasible(self, arr: np.ndarray) -> np.ndarray:
-        if self.space.is_feasible(arr):
-            return arr
-        log.warning("warm start is off budget (mean value %.4g vs target %g); repairing it",
-                    self.space.mean_value(arr), self.space.target)
-        return self.space.config_to_array(self.space.repair(arr, np.random.default_rng(self.seed)))
+        self.start = None if start is None else self._start_array(start, np.random.default_rng(self.seed))
 
     def sample(self, index: int) -> np.ndarray:
         """Sample `index` (deterministic in (seed, index)); sample 0 is the warm start if one was given."""
@@ -145,10 +138,8 @@ class RandomSearcher(RayPressSearcher):
 
 def build(name, cfg, space, initial=None, state=None) -> RandomSearcher:
     """The registry's builder: the evaluation budget of search/registry.evaluation_budget."""
-    from .registry import evaluation_budget
-
     from ..config import init_names
-    from .registry import DEFAULT_INIT
+    from .registry import DEFAULT_INIT, evaluation_budget
 
     n, tokens = evaluation_budget(cfg)
     warm = init_names(cfg) != [DEFAULT_INIT]  # a schedule the user named; random takes at most one
