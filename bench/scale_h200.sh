@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The scale measurements of issue 15 on one H200 (staged with bench/device_setup.sh), phase by phase so
-# that each fits one device call:  bash bench/scale_h200.sh 8b | sgpt66 | 70b | opt66b
+# that each fits one device call:  bash bench/scale_h200.sh 8b | sgpt66 | 70b | opt66b | evo8 | smol
 # (T=seconds caps a phase, GENS=generations, PATHS=raw,tune, KTOPK=top-k KL (8b), KEEP=1 keeps the 8b database for the next call)
 # Random weights of real architectures: time and memory are real, quality numbers are meaningless.
 # The device has 64 GiB of disk: ladders are cut to 2-3 stored levels (the plan scales by levels) and
@@ -25,15 +25,28 @@ case "${1:-}" in
       --levels 0.5,0.7 --target 0.6 --data $data --batch-size 4 --kl-topk 64 --generations ${GENS:-3} --paths raw \
       --cache /tmp/sc70 --out "$O/r70.json" 2>&1 | grep -v Warning | tee "$O/r70.log" | tail -20
     rm -rf /tmp/sc70 ;;
-  opt66b)  # the cluster job at true width, 8 of 64 blocks
-    RAYPRESS_HOME=/tmp/rph timeout 560 /usr/bin/time -v python3 jobs/prune_opt66b.py \
-      --set model=random:opt-66b@8 --set method=magnitude --set "levels=[0.6, 0.7, 0.8]" --set data.source=$data \
+  opt66b)  # the cluster job at true width, BLOCKS (8) of 64 blocks, SEARCHERS (evopress,tpe,hessian)
+    RAYPRESS_HOME=/tmp/rph timeout ${T:-560} /usr/bin/time -v python3 jobs/prune_opt66b.py --searchers ${SEARCHERS:-evopress,tpe,hessian} \
+      --set model=random:opt-66b@${BLOCKS:-8} --set method=magnitude --set "levels=[0.6, 0.7, 0.8]" --set data.source=$data \
       --set data.n_calib=32 --set data.n_eval=8 --set searcher.generations=4 --set searcher.offspring=8 \
       --set "searcher.stages=[[4096, 2], [16384, 1]]" --set evaluator.mode=resident \
       --set evaluator.gpus_per_evaluator=1 --set database.parallel=false --set database.cache_dir=/tmp/db66 \
       > "$O/opt66b.log" 2>&1; echo "rc $?"
     grep -vE "Warning|it/s\]|s/it\]" "$O/opt66b.log" | grep -E "resources|model param|level data|driver|evaluator|evaluators|time|searcher|evopress|tpe|hessian|held-out|built|Maximum resident|Elapsed|rror" | tail -40
     rm -rf /tmp/db66 ;;
-  *) echo "usage: $0 8b | sgpt66 | 70b | opt66b" >&2; exit 2 ;;
+  evo8)  # the original EvoPress code (carried in .dev/evopress) vs RayPress: Llama-3-8B width, BLOCKS blocks, same stages
+    timeout ${T:-240} python3 bench/evopress_original.py --evopress .dev/evopress --arch llama-3-8b --blocks ${BLOCKS:-8} \
+      --generations ${GENS:-4} --out "$O/evo-orig.json" 2>&1 | grep -vE "it/s\]|s/it\]|Warning" | tee "$O/evo-orig.log" | tail -8
+    rm -rf /tmp/evopress-bench
+    timeout ${T2:-330} python3 bench/scale.py --model random:llama-3-8b@${BLOCKS:-8} --levels 0.5,0.6,0.7 --target 0.6 \
+      --data $data --generations ${GENS:-4} --paths raw,tune --no-record --cache /tmp/sce --out "$O/evo-raypress.json" 2>&1 \
+      | grep -v Warning | tee "$O/evo-raypress.log" | tail -14
+    rm -rf /tmp/sce ;;
+  smol)  # SmolLM2-135M's shape (random weights), the whole model: throughput and where the time goes
+    timeout ${T:-200} python3 bench/scale.py --model random:smollm2-135m --levels 0.5,0.6,0.7 --target 0.6 --data $data \
+      --generations ${GENS:-8} --paths raw,tune --no-record --cache /tmp/scs --out "$O/smol.json" 2>&1 | grep -v Warning \
+      | tee "$O/smol.log" | tail -14
+    rm -rf /tmp/scs ;;
+  *) echo "usage: $0 8b | sgpt66 | 70b | opt66b | evo8 | smol" >&2; exit 2 ;;
 esac
 cp raypress/measured_costs.json "$O/" 2>/dev/null || true

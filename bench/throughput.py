@@ -177,25 +177,25 @@ def run_tune(ray, spec, space, args, stages, k, gpu_frac, batched: bool, storage
 
     from raypress import tune_loop
     from raypress.config import load_config
+    from raypress.pool import EvaluatorPool
     from raypress.search import get_searcher
 
-    mem = {"bytes": 0}
+    mem = {"bytes": 0, "at": 0.0}
 
     class StoreProbe(tune.Callback):
+        # a probe is a GCS query of every raylet (~6 ms on 2 busy cores) inside Tune's loop, counted as
+        # Tune overhead: at most one per 5 s
         def on_trial_complete(self, iteration, trials, trial, **info):
-            mem["bytes"] = max(mem["bytes"], store_bytes(ray))
+            if time.time() - mem["at"] >= 5.0:
+                mem["bytes"], mem["at"] = max(mem["bytes"], store_bytes(ray)), time.time()
 
     cfg = load_config(None, [f"evaluator.num_evaluators={k}", f"searcher.offspring={args.offspring}",
                              f"evaluator.candidates_per_trial={'auto' if batched else 1}"])
-    saved = tune_loop.resources
-    tune_loop.resources = lambda _cfg: (k, {"cpu": args.cpus_per_evaluator, "gpu": gpu_frac})
-    try:
+    with EvaluatorPool(spec, k, {"cpu": args.cpus_per_evaluator, "gpu": gpu_frac}) as pool:
         s = make_searcher(space, args, stages)
         t0 = time.time()
-        tune_loop.run_tune(cfg, get_searcher("evopress"), spec, s, space, [StoreProbe()],
+        tune_loop.run_tune(cfg, get_searcher("evopress"), pool, s, space, [StoreProbe()],
                            f"bench-{k}-{int(batched)}-{int(t0)}")
-    finally:
-        tune_loop.resources = saved
     return {**rates(s.history), "store_bytes": mem["bytes"], "wall_s": time.time() - t0}
 
 

@@ -1,7 +1,7 @@
 """The evaluator: holds the base model once, applies configs, scores them.
 
-One `Evaluator` per GPU (or one per CPU host). It is used three ways: inside the Ray Tune
-trainable (`EvaluatorTrainable`, reused across trials), as a plain Ray actor
+One `Evaluator` per GPU (or one per CPU host). It is used three ways: as an actor of a search's
+pool (`PoolMember`, raypress.pool: Tune's trials borrow it), as a plain Ray actor
 (`ray.remote(Evaluator)`, raw pool for benchmarks), and in-process for final evaluations.
 
 Modes (`EvaluatorSpec.mode`, config `evaluator.mode`):
@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from ray import tune
 
 from . import data as rp_data
 from . import trial
@@ -502,47 +501,35 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-class EvaluatorTrainable(tune.Trainable):
-    """A Tune trial = one candidate evaluation on a reused, model-holding actor."""
+class PoolMember(Evaluator):
+    """An evaluator actor of a search's pool (raypress.pool). It is created empty and loads with
+    `load(spec)`, which reports a user error (out of memory, bad device) as its answer instead of
+    raising it: raised from __init__, Ray would restart the actor into the same error. (Created empty
+    also because Ray warns about every restartable actor whose constructor arguments live in the object
+    store, and a spec holds object refs: the pool's dispatcher calls `load` again after a restart.)"""
 
-    # A user error (RayPressError: out of GPU memory, bad device, ...) is reported as a result
-    # carrying trial.RESULT_KEY instead of raised: Tune would retry an exception (max_failures) although
-    # it fails the same way every time; the runner's stopper ends the search and raises it.
-    # Crashes (a killed actor, a segfault) still raise and are retried.
+    def __init__(self):
+        self.error = "not loaded"
 
-    def setup(self, config, spec: EvaluatorSpec = None):
-        self._cfg = config
-        self._error = None
+    def load(self, spec: EvaluatorSpec) -> str | None:
+        if self.error is None:  # loaded already (the dispatcher's call reached a live evaluator)
+            return None
+        self.error = "not loaded"  # stays so if loading fails unexpectedly (that exception is raised)
         try:
-            self.evaluator = Evaluator(spec)
+            super().__init__(spec)
+            self.error = None
         except RayPressError as e:
-            self._error = str(e)
+            self.error = str(e)
+        return self.error
 
-    def reset_config(self, new_config):
-        self._cfg = new_config
-        return True
-
-    def step(self):
-        if self._error is None:
-            try:
-                result = self.evaluator.score_config(self._cfg)
-            except RayPressError as e:
-                self._error = str(e)
-        if self._error is not None:
-            return {"fitness": float("nan"), "tokens": 0, trial.RESULT_KEY: self._error, "done": True}
-        result["done"] = True
+    def score_trial(self, config: dict) -> dict:
+        """score_config's result, plus where it was scored; a user error as a result (trial.RESULT_KEY)."""
+        t0 = time.time()
+        try:
+            result = self.score_config(config)
+        except RayPressError as e:
+            return {"fitness": float("nan"), "tokens": 0, trial.RESULT_KEY: str(e)}
+        result[trial.SPAN] = (t0, time.time())
         result[trial.NODE] = _node_id()  # which Ray node scored it (multi-node runs, tests)
-        result[trial.DB_COPY] = self.evaluator.db_copy  # one copy per node, shared by its evaluators
+        result[trial.DB_COPY] = self.db_copy  # one copy per node, shared by its evaluators
         return result
-
-    # a trial is one stateless evaluation: a retried trial re-runs it, nothing to checkpoint
-    def save_checkpoint(self, checkpoint_dir):
-        return {}
-
-    def load_checkpoint(self, checkpoint):
-        return None
-
-
-def make_trainable(spec: EvaluatorSpec, resources: dict):
-    """Tune trainable with the spec in the object store and per-trial resources."""
-    return tune.with_resources(tune.with_parameters(EvaluatorTrainable, spec=spec), resources)

@@ -9,6 +9,7 @@ evaluator actor; everything is logged to MLflow and the run folder.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
@@ -26,6 +27,7 @@ from .families import get_family
 from .models import RANDOM_NOTE, get_adapter, is_random, load_model
 from .ray_env import ensure_ray, resources
 from .interrupt import resumable
+from .pool import EvaluatorPool
 from .database import default_cache_root
 from .rundir import STATE_FILE, check_owner, check_writable_folder, read_state
 from .search import registry
@@ -136,7 +138,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
     tokens = load_tokens(cfg.data.source, tokenizer, cfg.data.max_tokens)
     splits = make_splits(tokens, cfg.data.seq_len, cfg.data.n_calib, cfg.data.n_eval, cfg.data.seed)
     ray = ensure_ray(cfg.ray_address)
-    _, res = resources(cfg)
+    n_eval, res = resources(cfg)
 
     uri = (state or {}).get("tracking_uri") or cfg.tracking.uri  # resume: the store the search began in
     tracker = Tracker(uri, cfg.tracking.experiment, run_name, parent_run_id=parent_run_id,
@@ -145,7 +147,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
     def stopped(stop):  # Ctrl-C / SIGTERM: the run is KILLED (tracked), no result, the state file resumes it
         tracker.note_interrupt(f"stopped by {stop.signal_name}; resume with `raypress search --resume {out_dir}`")
 
-    with resumable(out_dir, stopped), tracked(tracker):
+    # owned: the evaluator pool of a Tune search, closed however the search ends
+    with resumable(out_dir, stopped), tracked(tracker), contextlib.ExitStack() as owned:
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info("search %s: outputs in %s (continue an interrupted search with `raypress search --resume %s`)",
                  run_name, out_dir, out_dir)
@@ -180,6 +183,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             max_gpu_memory=cfg.evaluator.max_gpu_memory,
         )
         uniform = family.initial(prep)
+        pool = None
         t_search = time.time()
         history: list = []
         evaluations = 0
@@ -207,7 +211,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
                    state_saver(searcher, state_file, base)]
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"
             if not getattr(searcher, "finished", False):  # a resume after the last evaluation: nothing to tune
-                run_tune(cfg, info, spec, searcher, space, cbs + list(callbacks or []), name)
+                pool = owned.enter_context(EvaluatorPool(spec, n_eval, res))
+                run_tune(cfg, info, pool, searcher, space, cbs + list(callbacks or []), name)
             best, best_fitness = searcher.best_config, searcher.best_fitness
             history = list(searcher.history)
             evaluations = history[-1]["evaluations"] if history else 0
@@ -218,7 +223,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         logging.getLogger("raypress.progress").info(
             "  held-out evaluation: dense, uniform and the result on %s tokens (%s), then both on the monitor batch",
             f"{splits.eval.size:,}", describe_source(cfg.data.source))
-        run, close = final_evaluator(spec, res)
+        run, close = (pool.call, pool.close) if pool else final_evaluator(spec, res)
         progress = logging.getLogger("raypress.progress")
         ppl_dense = run("perplexity", {})
         progress.info("  held-out perplexity: dense %.2f", ppl_dense)
@@ -262,7 +267,9 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
 
 
 def final_evaluator(spec: EvaluatorSpec, res: dict):
-    """(run(method, *args, **kw), close) of the Evaluator that measures a search's final numbers.
+    """(run(method, *args, **kw), close) of the Evaluator that measures the final numbers of a search
+    that has no evaluator pool (a one-shot schedule, a resume after its last evaluation; a Tune search
+    measures on its pool).
 
     On a GPU cluster, or when Ray spans several nodes, an evaluator actor (placed like the search's).
     On a one-node CPU-only Ray it runs in this process: an actor would live on this same machine with

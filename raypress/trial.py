@@ -31,6 +31,7 @@ RESULT_KEY = "raypress_error"  #: a trial result with this key is a user error: 
 METRIC = "fitness"  #: what every trial reports and every searcher minimizes
 NODE = "raypress_node"  #: the Ray node id that scored the trial (reported next to the metric)
 DB_COPY = "raypress_db_copy"  #: which shared copy of the level database the evaluator reads (mapped file+offset)
+SPAN = "raypress_span"  #: (start, end) wall-clock seconds of the evaluation: shows evaluators working at once
 
 
 def trial_config(levels: dict, *, tokens: int, generation: int, stage: int, seed: int) -> dict:

@@ -1,4 +1,5 @@
-"""One Ray Tune run of a searcher: trials are candidate evaluations on reused evaluator actors.
+"""One Ray Tune run of a searcher: trials are candidate evaluations, lent to the evaluator actors of
+a pool (raypress.pool) that lives as long as the search.
 
 The Tuner gets the run's real search space (`trial.tune_space`, one `tune.randint` per layer) as
 its param_space and the searcher as its search algorithm; every searcher checks that the two agree.
@@ -9,13 +10,13 @@ reports (trial.RESULT_KEY), which Tune would otherwise retry.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from . import interrupt, trial
 from .errors import RayPressError
-from .ray_env import resources
 
 
 def atomic_write(path: Path, obj) -> None:
@@ -93,8 +94,6 @@ def history_metrics(h: dict, generational: bool) -> dict:
 def generation_logger(searcher, tracker, t0: float, total_evals: int = 0, generations: int | None = None):
     """Tune callback: forwards the searcher's per-generation summaries to MLflow, and prints a progress
     line (logger "raypress.progress": every EvoPress generation, else at most every PROGRESS_EVERY_S)."""
-    import logging
-
     from ray import tune
 
     log = logging.getLogger("raypress.progress")
@@ -170,6 +169,40 @@ def _user_error_stopper():
     return Stopper()
 
 
+MAX_FAILURES = 3  # Tune's retries of a trial whose actor crashed (a node lost, a killed process)
+CRASH_LOOP = 5  # trials failing in a row, each after Tune's retries, end the search: one more will not help
+
+
+def _crash_loop_guard(stopper, limit: int = CRASH_LOOP):
+    """Tune callback: a failed trial's candidate is queued again (no generation is lost), so a failure
+    that repeats for every trial (a worker that cannot import RayPress, a crash at every call) would
+    retry forever. `limit` failures in a row, with no success between them, stop the search with
+    the last failure's first line."""
+    from ray import tune
+
+    from .errors import first_line
+
+    class Guard(tune.Callback):
+        failed = 0
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.failed += 1
+            if self.failed >= limit and stopper.error is None:
+                exc = trial.get_pickled_error() or trial.get_error()
+                while isinstance(getattr(exc, "cause", None), BaseException):  # Ray's wrapper -> what was raised
+                    exc = exc.cause
+                why = f"{type(exc).__name__}: {first_line(exc)}" if exc else "no error recorded"
+                stopper.error = (
+                    f"{self.failed} trials in a row failed, each after {MAX_FAILURES} retries (the last: "
+                    f"{why}); fix what the Ray workers' logs "
+                    "(logs/worker-*.err in the Ray session folder) say, then continue with `raypress search --resume`")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.failed = 0
+
+    return Guard()
+
+
 def _batched(cfg, info, searcher, num_samples: int, n_eval: int):
     """Several candidates per Tune trial (evaluator.candidates_per_trial; search/batched.py)."""
     from .search.batched import BatchedSearcher, candidates_per_trial
@@ -180,8 +213,75 @@ def _batched(cfg, info, searcher, num_samples: int, n_eval: int):
     return BatchedSearcher(searcher, g, limit=num_samples if num_samples > 0 else None), -1
 
 
-def run_tune(cfg, info, spec, searcher, space, callbacks: list, name: str):
-    """Drive `searcher` (registry entry `info`) through Ray Tune until it is finished.
+class _WarmTrialActors:
+    """Keep `keep` of Tune's trial actors alive for the whole run, each serving trial after trial.
+
+    Two habits of Tune's actor reuse (tune_controller, Ray 2.60) would otherwise leave one trial running
+    at a time when evaluations are shorter than an actor's start (~1 s for our thin trials): a cached
+    actor that frees up takes over a pending trial whose own new actor is still starting, and kills that
+    one; and between two generations Tune keeps one cached actor (its _ObjectCache, may_keep_one) and
+    kills the rest. Here a trial waits for the actor started for it, and up to `keep` idle actors stay
+    cached. Trials are thin clients (raypress.pool), so `keep` idle actors cost a few idle processes.
+    Swapped in for the length of one Tuner.fit(); checked by tests/test_pool.py."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+
+    def __enter__(self):
+        import ray
+        from ray.tune.execution import tune_controller
+        from ray.tune.utils.object_cache import _ObjectCache
+
+        keep = self.keep
+        self._saved = None
+        if not (hasattr(tune_controller, "_ObjectCache") and hasattr(tune_controller.TuneController,
+                                                                      "_maybe_reuse_cached_actor")):
+            logging.getLogger("raypress.progress").warning(
+                "Ray %s's Tune has no actor cache RayPress knows: trials may reach the evaluators one at a "
+                "time; use the Ray version pyproject.toml names", ray.__version__)
+            return self
+
+        class _Warm(_ObjectCache):
+            def cache_object(self, key, obj) -> bool:
+                if len(self._cached_objects[key]) < keep:
+                    self._cached_objects[key].append(obj)
+                    self._num_cached_objects += 1
+                    return True
+                return super().cache_object(key, obj)
+
+            def flush_cached_objects(self, force_all: bool = False):
+                if force_all:
+                    yield from super().flush_cached_objects(force_all=True)
+                    return
+                for objs in self._cached_objects.values():
+                    while len(objs) > max(keep, 1):
+                        self._num_cached_objects -= 1
+                        yield objs.pop(0)
+
+        controller = tune_controller.TuneController
+        reuse = controller._maybe_reuse_cached_actor
+
+        def wait_for_own_actor(ctl, trial) -> bool:
+            if trial in ctl._trial_to_actor and trial not in ctl._resetting_trials:
+                return False  # its actor is starting: let it start, the cached one serves the next trial
+            return reuse(ctl, trial)
+
+        self._saved = (tune_controller, tune_controller._ObjectCache, controller, reuse)
+        tune_controller._ObjectCache = _Warm
+        controller._maybe_reuse_cached_actor = wait_for_own_actor
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is None:
+            return
+        module, cache, controller, reuse = self._saved
+        module._ObjectCache = cache
+        controller._maybe_reuse_cached_actor = reuse
+
+
+def run_tune(cfg, info, pool, searcher, space, callbacks: list, name: str):
+    """Drive `searcher` (registry entry `info`) through Ray Tune until it is finished, its candidates
+    scored by the evaluators of `pool` (a started raypress.pool.EvaluatorPool).
 
     Tune's own files (a folder per trial, its experiment and searcher state) go to a temporary folder
     deleted at the end: a resume restarts Tune from the searcher state in the run folder
@@ -192,9 +292,9 @@ def run_tune(cfg, info, spec, searcher, space, callbacks: list, name: str):
 
     from ray import tune
 
-    from .evaluator import make_trainable
+    from .pool import make_trainable
 
-    n_eval, res = resources(cfg)
+    n_eval = pool.n
     stopper = _user_error_stopper()
     num_samples = getattr(searcher, "num_samples", -1)  # -1: the searcher says when it is finished
     if num_samples == 0:  # a resume whose budget was already spent (killed after its last trial)
@@ -202,7 +302,7 @@ def run_tune(cfg, info, spec, searcher, space, callbacks: list, name: str):
     searcher, num_samples = _batched(cfg, info, searcher, num_samples, n_eval)
     storage = Path(tempfile.mkdtemp(prefix="raypress-tune-"))
     tuner = tune.Tuner(
-        make_trainable(spec, res),
+        make_trainable(pool),
         param_space=trial.tune_space(space),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
@@ -218,16 +318,17 @@ def run_tune(cfg, info, spec, searcher, space, callbacks: list, name: str):
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(storage.resolve()),
-            callbacks=callbacks,
+            callbacks=[*callbacks, _crash_loop_guard(stopper)],
             verbose=0,
             stop=stopper,
-            # a dead evaluator actor only costs a retry of its candidate, never a generation
-            failure_config=tune.FailureConfig(max_failures=3),
+            # a dead trial actor (its node lost) costs a retry of its candidate, never a generation
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
         ),
     )
     try:
-        with interrupt.graceful():  # a first Ctrl-C / SIGTERM stops the trials, then raises Interrupted
+        # a first Ctrl-C / SIGTERM stops the trials, then raises Interrupted
+        with interrupt.graceful(), _WarmTrialActors(n_eval):
             results = tuner.fit()
     finally:
         shutil.rmtree(storage, ignore_errors=True)

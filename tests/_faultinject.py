@@ -3,7 +3,7 @@
     ray.init(runtime_env={"worker_process_setup_hook": "_faultinject.gpu_oom", ...})
 
 `gpu_oom` makes every evaluator forward pass raise torch.cuda.OutOfMemoryError, exactly what a
-too-large evaluator.batch_size does on a real GPU.
+too-large evaluator.batch_size does on a real GPU; `trial_crash` makes every Tune trial fail.
 """
 
 
@@ -23,6 +23,17 @@ def gpu_oom():
         yield  # a generator, like the real _forward
 
     evaluator.Evaluator._forward = forward
+
+
+def trial_crash():
+    """Every Tune trial fails with an exception that is not a user error (a worker that cannot do its
+    job: a broken install, a crash at every call); Tune retries each, the searcher re-queues it."""
+    from raypress import pool
+
+    def step(self):
+        raise RuntimeError("injected: this trial worker cannot score anything")
+
+    pool.EvaluatorTrainable.step = step
 
 
 def run_cli(argv, hook=None, num_cpus=2):

@@ -9,21 +9,32 @@ from ray import tune
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-STATE: dict = {"nodes": [], "removed": [], "copies": {}}  # module-level: Tune pickles its callbacks by reference
+STATE: dict = {"nodes": [], "removed": [], "copies": {}, "spans": []}  # module-level: Tune pickles its callbacks by reference
 
 
 class Watch(tune.Callback):
     """Records which node scored each trial; removes the worker node after `remove_after` results."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from raypress.trial import DB_COPY, NODE
+        from raypress.trial import DB_COPY, NODE, SPAN
 
         STATE["nodes"].append(result.get(NODE))
+        STATE["spans"].append(result.get(SPAN))
         STATE["copies"].setdefault(result.get(NODE), set()).add(result.get(DB_COPY))
         after = STATE.get("remove_after")
         if after and len(STATE["nodes"]) == after and not STATE["removed"]:
             STATE["cluster"].remove_node(STATE["worker"])  # the evaluator actor there dies mid-search
             STATE["removed"].append(STATE["worker"].node_id)
+
+
+def most_at_once(spans) -> int:
+    """The most evaluations that were running at the same moment."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
 
 
 def run(out: str, wikitext: str, remove_after: int) -> None:
@@ -48,7 +59,7 @@ def run(out: str, wikitext: str, remove_after: int) -> None:
     r = run_search(cfg, callbacks=[Watch()])
     print(json.dumps({"best": r.best_config, "fitness": r.best_fitness,
                       "nodes": sorted(set(STATE["nodes"]) - {None}), "removed": STATE["removed"],
-                      "evaluations": r.evaluations,
+                      "evaluations": r.evaluations, "most_at_once": most_at_once(STATE["spans"]),
                       "copies": {n: sorted(c, key=str) for n, c in STATE["copies"].items() if n}}))
     import ray
 

@@ -457,6 +457,24 @@ def test_gpu_out_of_memory_in_an_evaluator_actor(tmp_path, wikitext_path):
     assert (tmp_path / "faults.log").read_text().count("oom") == 1
 
 
+def test_trials_that_fail_every_time_end_the_search_with_one_line(tmp_path, wikitext_path):
+    """A failure that is not a user error and repeats for every trial (here: every trial raises) would
+    be retried forever (a failed trial's candidate is queued again); after tune_loop.CRASH_LOOP failed
+    trials in a row the search ends with the last failure's first line, the state kept for a resume."""
+    from raypress.tune_loop import CRASH_LOOP
+
+    t0 = time.time()
+    p = _subprocess(tmp_path, "trial_crash", ["search", *_base(tmp_path, wikitext_path)], timeout=400)
+    assert p.returncode == 2, p.stderr[-3000:]
+    errs = [l for l in p.stderr.splitlines() if l.startswith("raypress: error: ")]
+    assert len(errs) == 1 and p.stderr.strip().splitlines()[-1] == errs[0], p.stderr[-3000:]
+    assert f"{CRASH_LOOP} trials in a row failed" in errs[0] and "injected: this trial worker" in errs[0], errs[0]
+    _record("trials fail every time", "every Tune trial raises (not a user error)", errs[0],
+            "then continue with `raypress search --resume`", t0)
+    _check_leftovers(tmp_path)
+    assert next((tmp_path / "runs").glob("*/raypress_state.json")).exists()
+
+
 _FULL_DISK = """
 import json, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
