@@ -34,7 +34,7 @@ case "${1:-}" in
       > "$O/opt66b.log" 2>&1; echo "rc $?"
     grep -vE "Warning|it/s\]|s/it\]" "$O/opt66b.log" | grep -E "resources|model param|level data|driver|evaluator|evaluators|time|searcher|evopress|tpe|hessian|held-out|built|Maximum resident|Elapsed|rror" | tail -40
     rm -rf /tmp/db66 ;;
-  evo8)  # the original EvoPress code (carried in .dev/evopress) vs RayPress: Llama-3-8B width, BLOCKS blocks, same stages
+  evo8)  # the original EvoPress code (git clone github.com/IST-DASLab/EvoPress .dev/evopress; carry it) vs RayPress: Llama-3-8B width, BLOCKS blocks, same stages
     timeout ${T:-240} python3 bench/evopress_original.py --evopress .dev/evopress --arch llama-3-8b --blocks ${BLOCKS:-8} \
       --generations ${GENS:-4} --out "$O/evo-orig.json" 2>&1 | grep -vE "it/s\]|s/it\]|Warning" | tee "$O/evo-orig.log" | tail -8
     rm -rf /tmp/evopress-bench
