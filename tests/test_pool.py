@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 from ray import tune
 
+from _multinode import most_at_once
 from _tiny import tiny_llama
-
-
-def _most_at_once(spans) -> int:
-    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
 
 
 class Record(tune.Callback):
@@ -43,7 +35,7 @@ def test_two_evaluators_score_at_once_and_trial_actors_stay_warm(ray_session, tm
     r = run_search(cfg, callbacks=[rec])
     assert r.evaluations == 3 * (6 + 1)  # offspring + the parent, every generation
     assert len(rec.spans) >= r.evaluations  # (+ the elite's scores on the monitor batch)
-    assert _most_at_once(rec.spans) == 2  # both evaluators worked at the same moment
+    assert most_at_once(rec.spans) == 2  # both evaluators worked at the same moment
     # two thin trial actors served every trial: Tune did not start them again each generation
     assert len(rec.trial_pids) == 2, rec.trial_pids
 
