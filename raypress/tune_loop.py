@@ -170,7 +170,7 @@ def _user_error_stopper():
 
 
 MAX_FAILURES = 3  # Tune's retries of a trial whose actor crashed (a node lost, a killed process)
-CRASH_LOOP = 5  # trials failing in a row, each after Tune's retries, end the search: one more will not help
+CRASH_LOOP = 3  # trials failing in a row, each after Tune's retries, end the search: one more will not help
 
 
 def _crash_loop_guard(stopper, limit: int = CRASH_LOOP):
@@ -183,22 +183,23 @@ def _crash_loop_guard(stopper, limit: int = CRASH_LOOP):
     from .errors import first_line
 
     class Guard(tune.Callback):
-        failed = 0
+        failed, last = 0, None
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
+            exc = trial.get_pickled_error() or trial.get_error()  # None when Tune kept no file for it
+            while isinstance(getattr(exc, "cause", None), BaseException):  # Ray's wrapper -> what was raised
+                exc = exc.cause
+            if exc is not None:
+                self.last = f"{type(exc).__name__}: {first_line(exc)}" if isinstance(exc, BaseException) else first_line(exc)
             if self.failed >= limit and stopper.error is None:
-                exc = trial.get_pickled_error() or trial.get_error()
-                while isinstance(getattr(exc, "cause", None), BaseException):  # Ray's wrapper -> what was raised
-                    exc = exc.cause
-                why = f"{type(exc).__name__}: {first_line(exc)}" if exc else "no error recorded"
                 stopper.error = (
-                    f"{self.failed} trials in a row failed, each after {MAX_FAILURES} retries (the last: "
-                    f"{why}); fix what the Ray workers' logs "
-                    "(logs/worker-*.err in the Ray session folder) say, then continue with `raypress search --resume`")
+                    f"{self.failed} trials in a row failed, each after {MAX_FAILURES} retries (the last error "
+                    f"recorded: {self.last or 'none'}); fix what the Ray workers' logs (logs/worker-*.err in the "
+                    "Ray session folder) say, then continue with `raypress search --resume`")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.failed = 0
+            self.failed, self.last = 0, None
 
     return Guard()
 

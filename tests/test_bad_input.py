@@ -468,7 +468,7 @@ def test_trials_that_fail_every_time_end_the_search_with_one_line(tmp_path, wiki
     assert p.returncode == 2, p.stderr[-3000:]
     errs = [l for l in p.stderr.splitlines() if l.startswith("raypress: error: ")]
     assert len(errs) == 1 and p.stderr.strip().splitlines()[-1] == errs[0], p.stderr[-3000:]
-    assert f"{CRASH_LOOP} trials in a row failed" in errs[0] and "injected: this trial worker" in errs[0], errs[0]
+    assert f"{CRASH_LOOP} trials in a row failed" in errs[0] and "RuntimeError: injected: this trial worker" in errs[0], errs[0]
     _record("trials fail every time", "every Tune trial raises (not a user error)", errs[0],
             "then continue with `raypress search --resume`", t0)
     _check_leftovers(tmp_path)
