@@ -206,12 +206,17 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
                 # a front starts every budget from the schedule at that budget
                 initial = schedule_at if info.front else schedule_at(space)
             searcher = info.build(cfg, space, initial, state.get("searcher") if state else None)
-            cbs = [generation_logger(searcher, tracker, t_search, info.total_evaluations(cfg),
-                                     cfg.searcher.generations if info.generational else None),
-                   state_saver(searcher, state_file, base)]
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"
             if not getattr(searcher, "finished", False):  # a resume after the last evaluation: nothing to tune
+                t_pool = time.time()
                 pool = owned.enter_context(EvaluatorPool(spec, n_eval, res))
+                t_ready = time.time()
+                logging.getLogger("raypress.progress").info(
+                    "  %d evaluator%s ready in %.0f s", n_eval, "s" if n_eval > 1 else "", t_ready - t_pool)
+                # progress rates and ETAs count from here: loading the model (minutes at 70B) is not search speed
+                cbs = [generation_logger(searcher, tracker, t_ready, info.total_evaluations(cfg),
+                                         cfg.searcher.generations if info.generational else None),
+                       state_saver(searcher, state_file, base)]
                 run_tune(cfg, info, pool, searcher, space, cbs + list(callbacks or []), name)
             best, best_fitness = searcher.best_config, searcher.best_fitness
             history = list(searcher.history)
