@@ -528,7 +528,7 @@ class PoolMember(Evaluator):
         try:
             result = self.score_config(config)
         except RayPressError as e:
-            return {"fitness": float("nan"), "tokens": 0, trial.RESULT_KEY: str(e)}
+            return trial.user_error_result(e)
         result[trial.SPAN] = (t0, time.time())
         result[trial.NODE] = _node_id()  # which Ray node scored it (multi-node runs, tests)
         result[trial.DB_COPY] = self.db_copy  # one copy per node, shared by its evaluators

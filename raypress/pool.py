@@ -189,7 +189,7 @@ class EvaluatorTrainable(tune.Trainable):
         try:
             result = ray.get(self._dispatcher.score.remote(self._cfg))
         except RayPressError as e:  # raised in the dispatcher: Ray re-raises it as the same class
-            result = {"fitness": float("nan"), "tokens": 0, trial.RESULT_KEY: str(user_error(e))}
+            result = trial.user_error_result(user_error(e))
         result["done"] = True
         return result
 

@@ -34,6 +34,11 @@ DB_COPY = "raypress_db_copy"  #: which shared copy of the level database the eva
 SPAN = "raypress_span"  #: (start, end) wall-clock seconds of the evaluation: shows evaluators working at once
 
 
+def user_error_result(message: str) -> dict:
+    """What a trial reports instead of raising a user error (RESULT_KEY: the runner stops, Tune does not retry)."""
+    return {METRIC: float("nan"), "tokens": 0, RESULT_KEY: str(message)}
+
+
 def trial_config(levels: dict, *, tokens: int, generation: int, stage: int, seed: int) -> dict:
     """A candidate's trial config: its levels plus the batch it is scored on."""
     return {**levels, TOKENS: int(tokens), GENERATION: int(generation), STAGE: int(stage), SEED: int(seed)}
