@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The scale measurements of issue 15 on one H200 (staged with bench/device_setup.sh), phase by phase so
-# that each fits one device call:  bash bench/scale_h200.sh 8b | sgpt66 | 70b | opt66b | evo8 | smol
+# that each fits one device call:  bash bench/scale_h200.sh 8b | sgpt66 | 70b | opt66b | ktopk | evo8 | smol
 # (T=seconds caps a phase, GENS=generations, PATHS=raw,tune, KTOPK=top-k KL (8b), KEEP=1 keeps the 8b database for the next call)
 # Random weights of real architectures: time and memory are real, quality numbers are meaningless.
 # The device has 64 GiB of disk: ladders are cut to 2-3 stored levels (the plan scales by levels) and
@@ -33,7 +33,15 @@ case "${1:-}" in
       --set evaluator.gpus_per_evaluator=1 --set database.parallel=false --set database.cache_dir=/tmp/db66 \
       > "$O/opt66b.log" 2>&1; echo "rc $?"
     grep -vE "Warning|it/s\]|s/it\]" "$O/opt66b.log" | grep -E "resources|model param|level data|driver|evaluator|evaluators|time|searcher|evopress|tpe|hessian|held-out|built|Maximum resident|Elapsed|rror" | tail -40
-    rm -rf /tmp/db66 ;;
+    [ -n "${KEEP:-}" ] || rm -rf /tmp/db66 ;;  # KEEP=1: a second call on the warm machine finds the database built
+  ktopk)  # full-vocabulary KL vs top-k KL (KTOPK, default 256) on one database: Llama-3-8B width, BLOCKS blocks
+    for k in full ${KTOPK:-256}; do
+      [ $k = full ] && topk="" || topk="--kl-topk $k"
+      timeout ${T:-250} python3 bench/scale.py --model random:llama-3-8b@${BLOCKS:-8} --levels 0.5,0.6,0.7 --target 0.6 \
+        --data $data --generations ${GENS:-4} --paths raw --no-record $topk \
+        --cache /tmp/sck --out "$O/ktopk-$k.json" 2>&1 | grep -v Warning | tee "$O/ktopk-$k.log" | tail -6
+    done
+    rm -rf /tmp/sck ;;
   evo8)  # the original EvoPress code (git clone github.com/IST-DASLab/EvoPress .dev/evopress; carry it) vs RayPress: Llama-3-8B width, BLOCKS blocks, same stages
     timeout ${T:-240} python3 bench/evopress_original.py --evopress .dev/evopress --arch llama-3-8b --blocks ${BLOCKS:-8} \
       --generations ${GENS:-4} --out "$O/evo-orig.json" 2>&1 | grep -vE "it/s\]|s/it\]|Warning" | tee "$O/evo-orig.log" | tail -8
@@ -47,6 +55,6 @@ case "${1:-}" in
       --generations ${GENS:-8} --paths raw,tune --no-record --cache /tmp/scs --out "$O/smol.json" 2>&1 | grep -v Warning \
       | tee "$O/smol.log" | tail -14
     rm -rf /tmp/scs ;;
-  *) echo "usage: $0 8b | sgpt66 | 70b | opt66b | evo8 | smol" >&2; exit 2 ;;
+  *) echo "usage: $0 8b | sgpt66 | 70b | opt66b | ktopk | evo8 | smol" >&2; exit 2 ;;
 esac
 cp raypress/measured_costs.json "$O/" 2>/dev/null || true

@@ -3,7 +3,8 @@
 Budgets are matched by the searcher registry (search/registry.evaluation_budget), exactly as in
 `raypress search`: random and Optuna samplers get as many candidate evaluations as the evolution
 spends, each on the evolution's mean tokens per evaluation. Schedules that need dense-model
-statistics (OWL, Hessian, DP) share one StatsCache, so the comparison calibrates once.
+statistics (OWL, Hessian, DP) share one StatsCache, so the comparison calibrates once, and every
+searcher of a target shares one evaluator pool (runner.evaluator_key), so it loads the model once.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .calibrate import StatsCache
 from .config import Config, validate
 from .models import RANDOM_NOTE, is_random
 from .ray_env import ensure_ray
+from .pool import SharedPool
 from .runner import run_search, search_curves
 from .search import registry
 from .tracking import Tracker, fitness_curve, tracked
@@ -60,22 +62,25 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
     parent = Tracker(cfg.tracking.uri, cfg.tracking.experiment,
                      f"compare {'/'.join(f'{t:g}' for t in targets)} {','.join(searchers)} {model} {cfg.method}")
     rows: list[dict] = []
-    with tracked(parent):
+    # one evaluator pool for every searcher of a target: at OPT-66B width a start is ~100 s of loading
+    with tracked(parent), SharedPool() as pools:
         parent.log_params({**cfg.flat(), "compare.searchers": ",".join(searchers),
                            "compare.targets": ",".join(map(str, targets))})
         evals, per_eval = matched_budget(cfg)
         parent.log_params({"compare.matched_evaluations": evals, "compare.matched_tokens_per_eval": per_eval})
         for target in targets:
-            curves, references, scatter = {}, {}, {}
-            for name in searchers:
+            curves, references, scatter, done = {}, {}, {}, {}
+            # schedules first: OWL, Hessian and DP calibrate the dense model on the driver's GPU, which the
+            # evaluators kept for the searches after them would hold; those reuse the statistics (cached)
+            for name in sorted(searchers, key=lambda s: not registry.get_searcher(s).one_shot):
                 c = variants[(target, name)]
                 t0 = time.time()
-                r = run_search(c, parent_run_id=parent.run_id, stats=stats)
+                r = run_search(c, parent_run_id=parent.run_id, stats=stats, pools=pools)
                 tok = "-" if registry.get_searcher(name).one_shot else (
                     r.history[-1]["tokens"] // max(r.evaluations, 1) if r.history else per_eval)
-                rows.append({"target": target, "searcher": name, "ppl": r.ppl_best, "kl": r.kl_best,
-                             "evaluations": r.evaluations, "tokens_per_eval": tok, "wall_s": time.time() - t0,
-                             "ppl_uniform": r.ppl_uniform, "ppl_dense": r.ppl_dense, "run_id": r.run_id})
+                done[name] = {"target": target, "searcher": name, "ppl": r.ppl_best, "kl": r.kl_best,
+                              "evaluations": r.evaluations, "tokens_per_eval": tok, "wall_s": time.time() - t0,
+                              "ppl_uniform": r.ppl_uniform, "ppl_dense": r.ppl_dense, "run_id": r.run_id}
                 if r.history:
                     c_, s_ = search_curves(name, r.history)
                     curves.update(c_)
@@ -84,7 +89,9 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
                     references[f"{name}, monitor batch"] = r.kl_monitor_best
                 references.setdefault("uniform, monitor batch", r.kl_monitor_uniform)
                 parent.log_metrics({f"ppl_{name}_{target:g}": r.ppl_best, f"kl_{name}_{target:g}": r.kl_best})
-                log.info("%s", format_table(rows[-1:]))
+                log.info("%s", format_table([done[name]]))
+            rows += [done[name] for name in searchers]  # the table in the order asked
+            pools.close()  # the next target's schedules calibrate on a free GPU (its evaluators differ anyway)
             if curves:
                 parent.log_figure(fitness_curve(curves, references, scatter, f"KL vs evaluations at {target:g}"),
                                   f"fitness_curves_{target:g}.png")

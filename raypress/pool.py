@@ -169,6 +169,41 @@ class EvaluatorPool:
         self.members, self.dispatcher = [], None
 
 
+class SharedPool:
+    """One evaluator pool for consecutive searches that score candidates the same way (a comparison's
+    searchers: same model, database, data and evaluator settings; only the searcher or the target
+    differs). The first search that needs evaluators starts the pool, the next ones reuse it, and a
+    search whose `key` differs gets a new one. At OPT-66B width each pool start is ~100 s of model
+    loading; a comparison of three searchers paid it three times. The owner closes it."""
+
+    def __init__(self):
+        self.key, self.pool = None, None
+
+    def get(self, key, spec, n: int, resources: dict) -> tuple[EvaluatorPool, bool]:
+        """(the pool for `key`, whether it was started now)."""
+        if key == self.key and self.pool is not None:
+            return self.pool, False
+        self.close()
+        self.pool = EvaluatorPool(spec, n, resources).__enter__()
+        self.key = key
+        return self.pool, True
+
+    def peek(self, key) -> EvaluatorPool | None:
+        """The running pool if it serves `key` (a one-shot schedule measures on it), else None."""
+        return self.pool if key == self.key else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.key, self.pool = None, None
+
+    def __enter__(self) -> "SharedPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class EvaluatorTrainable(tune.Trainable):
     """A Tune trial = one candidate (or one batch of candidates), scored by an evaluator of the pool.
 

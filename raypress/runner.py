@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import re
+import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .families import get_family
 from .models import RANDOM_NOTE, get_adapter, is_random, load_model
 from .ray_env import ensure_ray, resources
 from .interrupt import resumable
-from .pool import EvaluatorPool
+from .pool import EvaluatorPool, SharedPool
 from .database import default_cache_root
 from .rundir import STATE_FILE, check_owner, check_writable_folder, read_state
 from .search import registry
@@ -111,11 +112,24 @@ def with_hints(cfg: Config, hints: dict) -> Config:
     return cfg
 
 
+def evaluator_key(cfg: Config) -> str:
+    """What a search's evaluators depend on: everything in its config but the searcher, the tracking
+    and the output folder (the model, database, data and evaluator settings, and the target, on which
+    some families' databases depend). Two searches with one key can share an evaluator pool."""
+    d = cfg.to_dict()
+    for k in ("searcher", "tracking", "output"):
+        d.pop(k)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
 def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | None = None,
-               parent_run_id: str | None = None, stats: StatsCache | None = None) -> SearchResult:
+               parent_run_id: str | None = None, stats: StatsCache | None = None,
+               pools: SharedPool | None = None) -> SearchResult:
     """Run (or resume) one search and return its report. Every MLflow run ends FINISHED/FAILED.
     callbacks: extra Ray Tune callbacks (monitoring, fault-injection tests); parent_run_id: log as
-    a child run (comparisons); stats: dense-model statistics shared between searches (comparisons)."""
+    a child run (comparisons); stats: dense-model statistics shared between searches (comparisons);
+    pools: evaluators shared between searches (comparisons; their owner closes them), else the
+    search starts its own and closes them when it ends."""
     t_start = time.time()
     state = None
     if resume:
@@ -160,7 +174,10 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
                 tracker.set_tags({"raypress.random_weights": RANDOM_NOTE})
         tracker.set_tags({"raypress.output_dir": str(out_dir.resolve())})  # a moved folder owns its run
         t_db = time.time()
-        prep = family.prepare(cfg, model, adapter, splits.calib)
+        # evaluators that a previous search of a comparison left running already hold the database:
+        # serving it again would put a second copy into the object store
+        reuse = pools is not None and pools.peek(evaluator_key(cfg)) is not None
+        prep = family.prepare(cfg, model, adapter, splits.calib, serve=not reuse)
         db_s = time.time() - t_db
         prep.context["stats"] = stats or StatsCache()
         cfg = with_hints(cfg, prep.hints)
@@ -209,10 +226,14 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             name = "tune" if not resume else f"tune-resume-{int(time.time())}"
             if not getattr(searcher, "finished", False):  # a resume after the last evaluation: nothing to tune
                 t_pool = time.time()
-                pool = owned.enter_context(EvaluatorPool(spec, n_eval, res))
+                if pools is not None:
+                    pool, started = pools.get(evaluator_key(cfg), spec, n_eval, res)
+                else:
+                    pool, started = owned.enter_context(EvaluatorPool(spec, n_eval, res)), True
                 t_ready = time.time()
                 logging.getLogger("raypress.progress").info(
-                    "  %d evaluator%s ready in %.0f s", n_eval, "s" if n_eval > 1 else "", t_ready - t_pool)
+                    "  %d evaluator%s %s", n_eval, "s" if n_eval > 1 else "",
+                    f"ready in {t_ready - t_pool:.0f} s" if started else "of the previous search reused")
                 # progress rates and ETAs count from here: loading the model (minutes at 70B) is not search speed
                 cbs = [generation_logger(searcher, tracker, t_ready, info.total_evaluations(cfg),
                                          cfg.searcher.generations if info.generational else None),
@@ -228,7 +249,12 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         logging.getLogger("raypress.progress").info(
             "  held-out evaluation: dense, uniform and the result on %s tokens (%s), then both on the monitor batch",
             f"{splits.eval.size:,}", describe_source(cfg.data.source))
-        run, close = (pool.call, pool.close) if pool else final_evaluator(spec, res)
+        if pool is None and pools is not None:  # a schedule in a comparison: the evaluators the next searches reuse
+            pool, _ = pools.get(evaluator_key(cfg), spec, n_eval, res)
+        if pool is not None:
+            run, close = pool.call, (lambda: None) if pools is not None else pool.close
+        else:
+            run, close = final_evaluator(spec, res)
         progress = logging.getLogger("raypress.progress")
         ppl_dense = run("perplexity", {})
         progress.info("  held-out perplexity: dense %.2f", ppl_dense)

@@ -54,6 +54,13 @@ def test_one_shot_schedule_and_random_searcher(tmp_path, ray_session, mlflow_uri
     assert r.evaluations == 6 and r.mean_value == pytest.approx(0.5, abs=1e-12)
 
 
+def _pool_members() -> set[str]:
+    """Ids of every evaluator actor this Ray session has started (dead ones included)."""
+    import ray._private.state as state  # the GCS's actor table (the state API needs the dashboard)
+
+    return {a for a, r in state.actors().items() if r["ActorClassName"] == "PoolMember"}
+
+
 def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, ray_session, mlflow_uri,
                                                                      wikitext_path, capsys):
     from raypress.compare import compare, matched_budget
@@ -61,8 +68,11 @@ def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, r
     cfg = _cfg(tmp_path, wikitext_path, "searcher.generations=2")
     evals, per_eval = matched_budget(cfg)
     assert evals == 2 * (5 + 2) and per_eval % 64 == 0
+    members = _pool_members()
     rows = compare(cfg, ["evopress", "random", "uniform"], [0.5])
     assert [r["searcher"] for r in rows] == ["evopress", "random", "uniform"]
+    # one evaluator for the three: random's search and uniform's held-out numbers reused evopress's
+    assert len(_pool_members() - members) == 1
     assert rows[0]["evaluations"] == rows[1]["evaluations"] == evals
     c = MlflowClient(mlflow_uri)
     runs = c.search_runs([c.get_experiment_by_name("raypress").experiment_id])
