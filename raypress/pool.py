@@ -86,10 +86,11 @@ class EvaluatorPool:
     """`n` evaluator actors with `resources` each ({"cpu": c, "gpu": g}) and their dispatcher.
 
     Use as a context manager around the search and its final evaluations; `call` runs an Evaluator
-    method on one live evaluator (the held-out numbers), `dispatcher` is what trials talk to."""
+    method on one live evaluator (the held-out numbers), `dispatcher` is what trials talk to
+    (dispatch=False: no dispatcher, for a pool that only measures, e.g. a one-shot schedule's result)."""
 
-    def __init__(self, spec, n: int, resources: dict):
-        self.spec, self.n, self.res = spec, int(n), dict(resources)
+    def __init__(self, spec, n: int, resources: dict, dispatch: bool = True):
+        self.spec, self.n, self.res, self.dispatch = spec, int(n), dict(resources), dispatch
         self.members: list = []
         self.dispatcher = None
 
@@ -135,10 +136,10 @@ class EvaluatorPool:
                 log.info("  starting evaluators: %d/%d ready after %.0f s (each needs %s; the cluster has %s CPU, "
                          "%s GPU free)", self.n - len(pending), self.n, time.time() - t0, self._need(),
                          free.get("CPU", 0), free.get("GPU", 0))
-        # the dispatcher lives with the driver: losing another node must not take it along
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.dispatcher = ray.remote(Dispatcher).options(num_cpus=0, scheduling_strategy=here,
-                                                         max_concurrency=10_000).remote(self.members, spec)
+        if self.dispatch:  # it lives with the driver: losing another node must not take it along
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.dispatcher = ray.remote(Dispatcher).options(num_cpus=0, scheduling_strategy=here,
+                                                             max_concurrency=10_000).remote(self.members, spec)
         log.debug("%d evaluators ready in %.1f s", self.n, time.time() - t0)
 
     def _need(self) -> str:

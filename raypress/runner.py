@@ -302,14 +302,15 @@ def final_evaluator(spec: EvaluatorSpec, res: dict):
     that has no evaluator pool (a one-shot schedule, a resume after its last evaluation; a Tune search
     measures on its pool).
 
-    On a GPU cluster, or when Ray spans several nodes, an evaluator actor (placed like the search's).
-    On a one-node CPU-only Ray it runs in this process: an actor would live on this same machine with
-    the same memory, but start a process and import torch again (~5 s of a small search)."""
+    On a GPU cluster, or when Ray spans several nodes, a one-evaluator pool without a dispatcher
+    (placed like the search's evaluators). On a one-node CPU-only Ray it runs in this process: an actor
+    would live on this same machine with the same memory, but start a process and import torch again
+    (~5 s of a small search)."""
     import ray
 
     if res.get("gpu") or len([n for n in ray.nodes() if n.get("Alive")]) > 1:
-        actor = ray.remote(Evaluator).options(num_cpus=res["cpu"], num_gpus=res.get("gpu", 0)).remote(spec)
-        return (lambda name, *a, **kw: ray.get(getattr(actor, name).remote(*a, **kw))), (lambda: ray.kill(actor))
+        pool = EvaluatorPool(spec, 1, res, dispatch=False).__enter__()
+        return pool.call, pool.close
     local = Evaluator(spec)
     return (lambda name, *a, **kw: getattr(local, name)(*a, **kw)), (lambda: None)
 

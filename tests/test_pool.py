@@ -55,3 +55,25 @@ def test_an_evaluator_that_cannot_load_is_one_line(ray_session):
         with EvaluatorPool(bad, 2, {"cpu": 1}):
             pass
     assert str(e.value) == "unknown evaluator.mode 'sharded'; use resident, streamed, device_map"
+
+
+def test_a_measuring_pool_answers_calls_without_a_dispatcher(ray_session):
+    """A one-shot schedule's final numbers on a GPU or multi-node cluster come from a one-evaluator
+    pool without a dispatcher (runner.final_evaluator): same numbers as an in-process evaluator."""
+    import numpy as np
+    import ray
+
+    from raypress.compress.depth import DepthApplier
+    from raypress.evaluator import Evaluator, EvaluatorSpec
+    from raypress.pool import EvaluatorPool
+
+    rows = np.random.default_rng(0).integers(0, 512, (4, 32))
+    spec = EvaluatorSpec(model=tiny_llama(), applier=DepthApplier(), calib=rows, eval=rows, device="cpu",
+                         dtype="float32")
+    with EvaluatorPool(spec, 1, {"cpu": 1}, dispatch=False) as pool:
+        assert pool.dispatcher is None
+        member = pool.members[0]
+        ppl = pool.call("perplexity", {})
+    assert ppl == pytest.approx(Evaluator(spec).perplexity({}), rel=1e-5)
+    with pytest.raises(ray.exceptions.RayActorError):  # closed with the pool
+        ray.get(member.ping.remote())
