@@ -117,6 +117,17 @@ def _get(x):
     return ray.get(x)
 
 
+TEACHER_CACHE_MAX = 16 * 2**30  # auto budget's ceiling: more pages than a search draws rows for is waste
+
+
+def teacher_cache_budget(teacher_cache_gb: float | None, gpu_free: int | None = None, host_total: int = 0) -> int:
+    """Bytes of teacher pages an evaluator keeps: evaluator.teacher_cache_gb when set, else a quarter
+    of the free GPU memory (device teachers) or 15% of host RAM (pinned / CPU), at most 16 GiB."""
+    if teacher_cache_gb is not None:
+        return int(teacher_cache_gb * 2**30)
+    return min(gpu_free // 4 if gpu_free is not None else host_total * 15 // 100, TEACHER_CACHE_MAX)
+
+
 class Evaluator:
     def __init__(self, spec: EvaluatorSpec, model=None):
         from .models import get_adapter, load_model
@@ -343,16 +354,14 @@ class Evaluator:
         return teacher
 
     def _teacher_budget(self) -> int:
-        """Bytes of teacher pages to keep: evaluator.teacher_cache_gb, else a quarter of the GPU memory
-        left once the model and its variants are placed, or 15% of host RAM for pinned or CPU teachers;
-        at most 16 GiB."""
-        if self.spec.teacher_cache_gb is not None:
-            return int(self.spec.teacher_cache_gb * 2**30)
-        if self.device.startswith("cuda") and self.spec.teacher_memory == "device":
-            return min(self._gpu_free() // 4, 16 * 2**30)
+        """Bytes of teacher pages to keep (teacher_cache_budget), from the GPU memory left once the
+        model and its variants are placed, or host RAM for pinned or CPU teachers."""
+        on_gpu = self.device.startswith("cuda") and self.spec.teacher_memory == "device"
+        if on_gpu and self.spec.teacher_cache_gb is None:
+            return teacher_cache_budget(None, gpu_free=self._gpu_free())
         import psutil
 
-        return min(psutil.virtual_memory().total * 15 // 100, 16 * 2**30)
+        return teacher_cache_budget(self.spec.teacher_cache_gb, host_total=psutil.virtual_memory().total)
 
     def _drop_teachers(self):
         self._pages.clear()

@@ -67,6 +67,12 @@ def _row_chunks(logits: torch.Tensor):
         yield i, flat[i : i + step].float()
 
 
+def teacher_token_bytes(vocab: int, topk: int | None = None) -> int:
+    """Bytes make_teacher keeps per token: float32 log-probs of the vocabulary, or k float32 values +
+    k int64 indices + the float32 rest mass (what `raypress plan` budgets before any GPU exists)."""
+    return 12 * topk + 4 if topk and topk < vocab else 4 * vocab
+
+
 def make_teacher(logits: torch.Tensor, topk: int | None = None) -> Teacher:
     """Build the teacher cache from dense logits [B, T, V]."""
     parts = []

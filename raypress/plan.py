@@ -11,7 +11,8 @@ import copy
 
 from .config import validate
 from .errors import RayPressError
-from .fitness import CHUNK_ELEMENTS
+from .evaluator import TEACHER_CACHE_MAX, teacher_cache_budget
+from .fitness import CHUNK_ELEMENTS, teacher_token_bytes
 from .families import get_family
 from .models import RANDOM_NOTE, get_adapter, is_random, meta_model
 from .search import registry
@@ -126,12 +127,11 @@ def resources(cfg, cluster: str | None = None, model=None) -> dict:
     ebytes = 2 if (cfg.evaluator.dtype == "auto" and dev == "cuda") else _BYTES.get(cfg.evaluator.dtype, 4)
     vocab = int(getattr(model.config, "vocab_size", 0))
     # the evaluator caches the teacher of every calibration row it has drawn, up to its page budget
-    # (evaluator.teacher_cache_gb, auto: a quarter of the GPU at most 16 GiB; at least one stage's worth)
-    per_token = 12 * cfg.evaluator.kl_topk + 4 if cfg.evaluator.kl_topk else 4 * vocab
+    # (at least one stage's worth); an unknown GPU size: the budget's ceiling
+    per_token = teacher_token_bytes(vocab, cfg.evaluator.kl_topk)
     pool = cfg.data.n_calib * (cfg.data.seq_len - 1) * per_token
     stage = max(t for t, _ in cfg.searcher.stages) * per_token
-    cap = (cfg.evaluator.teacher_cache_gb * 2**30 if cfg.evaluator.teacher_cache_gb is not None
-           else min(gb * 2**30 // 4, 16 * 2**30) if gb else 16 * 2**30)
+    cap = teacher_cache_budget(cfg.evaluator.teacher_cache_gb, gpu_free=int(gb * 2**30) if gb else 4 * TEACHER_CACHE_MAX)
     teacher = int(max(min(pool, cap), stage)) if cfg.evaluator.teacher_memory == "device" else 0
     on_gpu = total * ebytes if cfg.evaluator.mode != "streamed" else (outside + 2 * block_params) * ebytes
     # a forward batch's logits in the model dtype, their next-token copy, and the KL's float32 work on

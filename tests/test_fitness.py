@@ -50,3 +50,13 @@ def test_kl_in_row_chunks_equals_the_whole_batch(monkeypatch, topk):
     assert teacher.nbytes == fitness.make_teacher(t_logits, topk).nbytes
     chunked = fitness.kl_from_teacher(teacher, s_logits)
     assert chunked == pytest.approx(whole, rel=1e-6) and whole > 0.1
+
+
+@pytest.mark.parametrize("topk", [None, 7, 64])
+def test_the_plans_teacher_bytes_are_what_make_teacher_keeps(topk):
+    """`raypress plan` budgets teacher pages with teacher_token_bytes: it must match the real cache
+    (a top-k at or above the vocabulary keeps full log-probs)."""
+    from raypress.fitness import teacher_token_bytes
+
+    logits = torch.randn(2, 9, 50)
+    assert make_teacher(logits, topk).nbytes == 2 * 8 * teacher_token_bytes(50, topk)
