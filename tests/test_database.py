@@ -118,6 +118,31 @@ def test_corrupt_and_missing_files(built):
         open_database(root / "nothing-here")
 
 
+def test_a_database_is_hashed_once_per_process_until_a_file_changes(built, tmp_path, monkeypatch):
+    """A comparison opens its database once per searcher: the files are hashed the first time only,
+    and a file changed since is hashed (and caught) again."""
+    import shutil
+
+    from raypress import store
+
+    db, _ = built
+    copy = tmp_path / "db"
+    shutil.copytree(db.path, copy)
+    hashed, real = [], store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda f, *a: hashed.append(f.name) or real(f, *a))
+    n = len(db.meta["files"])
+    open_database(copy)
+    open_database(copy)
+    assert len(hashed) == n
+    f = copy / db.meta["blocks"][1]["file"]
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(RayPressError, match="sha256 mismatch"):
+        open_database(copy)
+    assert hashed[n:] == [f.name]
+
+
 def test_interrupted_build_leaves_nothing(tiny, tmp_path, monkeypatch):
     spec, model, ad, calib = tiny
     method = get_method("sparsegpt")
