@@ -277,6 +277,18 @@ def for_sparsity(space) -> bool:
     return 0.0 <= float(space.target) < 1.0
 
 
+def release_gpu_cache(device) -> None:
+    """Hand the memory this process's CUDA allocator keeps cached back to the GPU after a driver-side
+    GPU phase (a database build, a statistics pass). The evaluators that start next on the same GPU
+    would otherwise find it taken: on an 80 GB H100, OPT-66B@8's Hessian-scheduler pass left the
+    evaluator too little to load (it ran out of memory while loading)."""
+    if str(device).startswith("cuda") and torch.cuda.is_initialized():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="cpu",
                     progress: bool = True, layers: Sequence[str] | None = None) -> dict:
     """What the statistics-driven schedules need, in one streamed pass over the dense model: block by
@@ -305,6 +317,8 @@ def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="c
         for b, sts in groups.items():
             ratios[b] = block_outlier_ratio(sts)
         del st, groups
+    H = W = None  # noqa: F841 - the last layer's, on the device: free before releasing the cache
+    release_gpu_cache(device)
     out: dict = {"errors": errors} if db is not None else {}
     if sparsity:
         out.update(ratios=ratios, obs_errors=obs)

@@ -247,7 +247,7 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
     fastest on a busy 2-core machine). Compression always runs single-threaded (see build_block).
     pack: packed storage (uint8 codes + float16 scales/zeros per layer, where smaller than the dense
     stack); None (default) = when the method says ``packed = True`` (GPTQ, RTN). Part of the key."""
-    from .calibrate import block_layers, iter_block_stats
+    from .calibrate import block_layers, iter_block_stats, release_gpu_cache
 
     sdt = storage_dtype_name(storage_dtype)
     root = Path(cache_root).expanduser() if cache_root else default_cache_root()
@@ -338,6 +338,7 @@ def build_database(spec: str, model, adapter, method, calib: np.ndarray, *, cach
         raise
     finally:
         threads_ctx.__exit__(None, None, None)
+        release_gpu_cache(device)
     log.info("built database %s in %.1f s (calibration %.1f s): %d layers x %d levels, %.1f MiB at %s",
              key[:12], total, t_calib, len(all_layers), len(meta["level_values_list"]),
              meta["total_bytes"] / 2**20, final)

@@ -510,6 +510,20 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _load_oom_message(spec: EvaluatorSpec) -> str:
+    """The one line for an evaluator that ran out of GPU memory while loading, with what the GPU had."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    device = resolve_device(spec.device)
+    free, total = torch.cuda.mem_get_info(device)
+    return (f"out of GPU memory on {device} while an evaluator loaded the model and its level variants "
+            f"({free / 2**30:.1f} of {total / 2**30:.1f} GiB free now, after giving back what it had taken: "
+            "see nvidia-smi for other processes on this GPU); free the GPU, keep the variants in host "
+            "memory (database.placement=host), or stream the model (evaluator.mode=streamed)")
+
+
 class PoolMember(Evaluator):
     """An evaluator actor of a search's pool (raypress.pool). It is created empty and loads with
     `load(spec)`, which reports a user error (out of memory, bad device) as its answer instead of
@@ -529,6 +543,8 @@ class PoolMember(Evaluator):
             self.error = None
         except RayPressError as e:
             self.error = str(e)
+        except _OOM:
+            self.error = _load_oom_message(spec)
         return self.error
 
     def score_trial(self, config: dict) -> dict:

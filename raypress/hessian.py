@@ -33,11 +33,23 @@ def inverse_cholesky_upper(H: torch.Tensor, who: str = "OBS", percdamp: float = 
                             "calibration tokens") from None
 
 
-def inverse_diagonal(H: torch.Tensor) -> torch.Tensor:
+def inverse_diagonal(H: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """diag(H⁻¹) of an already damped H: Σ_i (L⁻¹)_ij² with H = L Lᵀ (much faster than a full
-    inverse on CPU); the pseudo-inverse when H is not positive definite."""
+    inverse on CPU); the pseudo-inverse when H is not positive definite.
+
+    L⁻¹ is built `chunk` columns at a time, and column block [a, b) of the lower-triangular L⁻¹ is
+    (L[a:, a:])⁻¹'s first columns: memory n x chunk beyond L instead of three n x n copies (an
+    OPT-66B fc2 Hessian is 36864 wide: 11 GB each in float64), and a third of the solve's FLOPs."""
     L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        Linv = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype, device=H.device), upper=False)
-        return (Linv * Linv).sum(0)
-    return torch.diagonal(torch.linalg.pinv(H))
+    if int(info) != 0:
+        return torch.diagonal(torch.linalg.pinv(H))
+    n = H.shape[0]
+    out = torch.empty(n, dtype=H.dtype, device=H.device)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        rhs = torch.zeros(n - a, b - a, dtype=H.dtype, device=H.device)
+        rhs[: b - a].fill_diagonal_(1.0)
+        cols = torch.linalg.solve_triangular(L[a:, a:], rhs, upper=False)  # L⁻¹[a:, a:b]
+        out[a:b] = (cols * cols).sum(0)
+        del rhs, cols
+    return out

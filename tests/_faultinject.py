@@ -3,7 +3,8 @@
     ray.init(runtime_env={"worker_process_setup_hook": "_faultinject.gpu_oom", ...})
 
 `gpu_oom` makes every evaluator forward pass raise torch.cuda.OutOfMemoryError, exactly what a
-too-large evaluator.batch_size does on a real GPU; `trial_crash` makes every Tune trial fail.
+too-large evaluator.batch_size does on a real GPU; `gpu_oom_at_load` makes every evaluator run out of
+GPU memory while it loads; `trial_crash` makes every Tune trial fail.
 """
 
 
@@ -23,6 +24,23 @@ def gpu_oom():
         yield  # a generator, like the real _forward
 
     evaluator.Evaluator._forward = forward
+
+
+def gpu_oom_at_load():
+    """Every evaluator runs out of GPU memory while it loads (a GPU that another process fills: on an
+    H100 the driver's own cached memory after a Hessian-scheduler pass did). This CPU machine has no
+    CUDA, so the free/total memory the message quotes is what a full 80 GiB GPU would report."""
+    import torch
+
+    from raypress import evaluator
+
+    def init(self, spec, model=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 44.00 GiB. GPU 0 has a total "
+                                          "capacity of 79.11 GiB of which 21.50 GiB is free")
+
+    evaluator.Evaluator.__init__ = init
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.mem_get_info = lambda device=None: (int(21.5 * 2**30), int(79.11 * 2**30))
 
 
 def trial_crash():

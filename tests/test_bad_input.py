@@ -457,6 +457,20 @@ def test_gpu_out_of_memory_in_an_evaluator_actor(tmp_path, wikitext_path):
     assert (tmp_path / "faults.log").read_text().count("oom") == 1
 
 
+def test_gpu_out_of_memory_while_an_evaluator_loads(tmp_path, wikitext_path):
+    """An evaluator that runs out of GPU memory while loading the model and its variants (Ray would
+    restart it into the same error) is one line with what the GPU has free and the knobs that help."""
+    t0 = time.time()
+    p = _subprocess(tmp_path, "gpu_oom_at_load", ["search", *_base(tmp_path, wikitext_path)], timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    errs = [l for l in p.stderr.splitlines() if l.startswith("raypress: error: ")]
+    assert len(errs) == 1 and p.stderr.strip().splitlines()[-1] == errs[0] and "Traceback" not in p.stderr, p.stderr
+    _record("GPU out of memory while an evaluator loads", "torch.cuda.OutOfMemoryError while the evaluator loads",
+            errs[0], "21.5 of 79.1 GiB free now", t0)
+    assert "database.placement=host" in errs[0] and "evaluator.mode=streamed" in errs[0]
+    _check_leftovers(tmp_path)
+
+
 def test_trials_that_fail_every_time_end_the_search_with_one_line(tmp_path, wikitext_path):
     """A failure that is not a user error and repeats for every trial (here: every trial raises) would
     be retried forever (a failed trial's candidate is queued again); after tune_loop.CRASH_LOOP failed
