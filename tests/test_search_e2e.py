@@ -85,6 +85,23 @@ def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, r
     assert "evopress" in capsys.readouterr().out
 
 
+def test_compare_at_two_targets_one_evaluator_each_table_in_the_order_asked(tmp_path, ray_session, mlflow_uri,
+                                                                           wikitext_path):
+    """Each target's searchers share one evaluator (the schedule runs first, the table keeps the
+    order asked), and a new target gets a new one. The searches measure uniform on that evaluator
+    once: the evolution's uniform reference is the uniform schedule's result."""
+    from raypress.compare import compare
+
+    members = _pool_members()
+    rows = compare(_cfg(tmp_path, wikitext_path, "searcher.generations=1"), ["evopress", "uniform"], [0.4, 0.5])
+    assert [(r["target"], r["searcher"]) for r in rows] == [(0.4, "evopress"), (0.4, "uniform"),
+                                                           (0.5, "evopress"), (0.5, "uniform")]
+    assert len(_pool_members() - members) == 2
+    for evo, uni in (rows[:2], rows[2:]):
+        assert evo["ppl_uniform"] == uni["ppl"] == uni["ppl_uniform"]
+    assert rows[0]["ppl_uniform"] != rows[2]["ppl_uniform"]
+
+
 FAMILY_SETS = {
     "sparsity": [],
     "depth": ["family=depth", "method=drop", "target=0.25"],
