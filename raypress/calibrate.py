@@ -328,18 +328,29 @@ def schedule_inputs(model, adapter, calib: np.ndarray, space, db=None, device="c
 class StatsCache:
     """`schedule_inputs` computed once per (model, calibration tokens, database, and the target where
     they depend on it): a comparison hands one cache to every search it runs, and a pareto search
-    warm-starting every budget from DP uses one, so their schedules calibrate once."""
+    warm-starting every budget from DP uses one, so their schedules calibrate once.
 
-    def __init__(self):
+    The level errors (DP's input) read every variant of the database (607 GB for OPT-66B at 5 levels)
+    and cost 3 matmuls per layer and level: they are computed only for a schedule that takes them
+    (search.schedules.takes_level_errors) or when `schedules`, the names a comparison will ask for,
+    include one (then the first pass computes them, and no second pass is needed)."""
+
+    def __init__(self, schedules: Sequence[str] = ()):
         self._key = None
         self._inputs: dict | None = None
+        self.schedules = tuple(schedules)
 
     def get(self, model_id: str, model, adapter, calib: np.ndarray, space, db=None, device="cpu",
-            layers: Sequence[str] | None = None) -> dict:
+            layers: Sequence[str] | None = None, schedule: str | None = None) -> dict:
         """{"ratios": {block: D_b}, "obs_errors": {layer: e}, "errors": {layer: [e_k]}} (see
-        schedule_inputs; the first two only for sparsity targets, the last only with a database)."""
+        schedule_inputs; the first two only for sparsity targets, the last only with a database and
+        when `schedule` (None: any) or one of the anticipated schedules takes them)."""
+        from .search.schedules import takes_level_errors
+
         key = (model_id, calib_hash(calib), getattr(db, "key", None),
                float(space.target) if for_sparsity(space) else None, None if layers is None else tuple(layers))
-        if key != self._key:
-            self._key, self._inputs = key, schedule_inputs(model, adapter, calib, space, db, device, layers=layers)
+        errors = db is not None and (schedule is None or any(map(takes_level_errors, (schedule, *self.schedules))))
+        if key != self._key or (errors and "errors" not in self._inputs):
+            self._key, self._inputs = key, schedule_inputs(model, adapter, calib, space, db if errors else None,
+                                                           device, layers=layers)
         return self._inputs

@@ -13,7 +13,7 @@ import logging
 import time
 
 from .calibrate import StatsCache
-from .config import Config, validate
+from .config import Config, init_names, validate
 from .models import RANDOM_NOTE, is_random
 from .ray_env import ensure_ray
 from .pool import SharedPool
@@ -57,7 +57,9 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
         registry.get_searcher(s)
     variants = {(t, s): _variant(cfg, s, t) for t in targets for s in searchers}  # every config checked first
     ensure_ray(cfg.ray_address)
-    stats = StatsCache()
+    # the schedules this comparison will ask for (searchers and warm starts): DP's level errors, if one
+    # takes them, are computed in the first statistics pass instead of a second one
+    stats = StatsCache(schedules=[*searchers, *init_names(cfg)])
     model = cfg.model.rstrip("/").split("/")[-1]
     parent = Tracker(cfg.tracking.uri, cfg.tracking.experiment,
                      f"compare {'/'.join(f'{t:g}' for t in targets)} {','.join(searchers)} {model} {cfg.method}")

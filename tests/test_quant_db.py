@@ -259,3 +259,27 @@ def test_dp_statistics_are_computed_once_for_every_bits_target(tiny, built, monk
         cache.get(spec, model, ad, calib, SearchSpace.from_values([0.0, 0.5, 0.7], target, layers=db.layers,
                                                                  n_params=[1] * len(db.layers)), None)
     assert calls == [3.0, 0.5, 0.6]
+
+
+def test_level_errors_only_for_schedules_that_take_them(tiny, built, monkeypatch):
+    """DP's level errors read every variant of the database: a cache asked for OWL or the Hessian
+    scheduler skips them; asked for DP next it runs a pass with them; a cache told the comparison's
+    schedules up front computes them in its first pass and answers DP from it."""
+    import raypress.calibrate as cal
+    from raypress.space import SearchSpace
+
+    spec, model, ad, calib = tiny
+    db = built[0]
+    space = SearchSpace.for_database(db, 4.0)
+    passes = []
+    real = cal.schedule_inputs
+    monkeypatch.setattr(cal, "schedule_inputs", lambda *a, **k: passes.append(a[4] is not None) or real(*a, **k))
+    cache = cal.StatsCache()
+    assert "errors" not in cache.get(spec, model, ad, calib, space, db, schedule="owl")
+    assert "errors" in cache.get(spec, model, ad, calib, space, db, schedule="dp")
+    assert cache.get(spec, model, ad, calib, space, db, schedule="owl") is cache.get(spec, model, ad, calib, space, db)
+    assert passes == [False, True]
+    ahead = cal.StatsCache(schedules=["evopress", "owl", "dp"])
+    first = ahead.get(spec, model, ad, calib, space, db, schedule="owl")
+    assert "errors" in first and ahead.get(spec, model, ad, calib, space, db, schedule="dp") is first
+    assert passes == [False, True, True]

@@ -109,7 +109,7 @@ class WeightFamily(Family):
         groups = prep.context.get("units")
         layers = None if units.is_trivial(groups) else [m for ms in groups.values() for m in ms]
         inputs = prep.context["stats"].get(cfg.model, model, adapter, calib, prep.space, prep.db,
-                                           device=database_devices(cfg)["device"], layers=layers)
+                                           device=database_devices(cfg)["device"], layers=layers, schedule=name)
         if layers is not None:  # per-layer numbers -> per unit (OBS errors and level errors add up)
             inputs = dict(inputs)
             if "errors" in inputs:

@@ -474,6 +474,12 @@ SCHEDULES: dict[str, Callable[..., dict[str, int]]] = {
 }
 
 
+def takes_level_errors(name: str) -> bool:
+    """Whether schedule `name` uses every layer's error at every level (`errors`, DP): the costly part
+    of the statistics pass, skipped for the others. Read from its signature, like run_schedule's inputs."""
+    return name in SCHEDULES and "errors" in inspect.signature(SCHEDULES[name]).parameters
+
+
 def run_schedule(name: str, space, **ctx) -> dict[str, int]:
     """Run a registered schedule; ctx may carry more keys than it takes (stats, errors, db,
     hessians, seed, lam, M, k, ...) — only those in its signature are passed."""
