@@ -54,8 +54,9 @@ def plan(cfg, targets=None, searchers=None, model=None) -> dict:
 
 def _starts(cfg, space, info) -> str:
     what = f"starts: exact budget {space.budget} over {len(space.layers)} units"
-    if info.one_shot:
-        return what + " (one-shot schedule)"
+    if info.one_shot:  # every schedule but uniform first runs the dense model over the calibration tokens
+        return what + (" (one-shot schedule)" if info.name == "uniform" else
+                       " (one-shot schedule after a pass over the dense model, not in the time estimates)")
     if info.generational or info.front:  # evolutions: their own count (a front: one per budget)
         return what + f" ({info.total_evaluations(cfg)} evaluations)"
     evals, tokens = registry.evaluation_budget(cfg)
