@@ -4,8 +4,8 @@ Left alone, Ray Tune catches SIGINT and returns from `Tuner.fit()` as if the sea
 runner would then write result.json from a partial history and mark the MLflow run FINISHED), and
 `ray.init` turns SIGTERM -- what schedulers and `ray job stop` send -- into `sys.exit` in whatever
 the driver was doing (a C++ stack dump, exit 134). Inside `interruptible()` both signals raise
-`Interrupted` in the main thread instead: the state file written after every finished trial stays
-the resume point, `tracking.tracked` marks the run KILLED, and the CLI prints the resume command
+`Interrupted` in the main thread instead: the state file (the searcher after its last scored trial)
+stays the resume point, `tracking.tracked` marks the run KILLED, and the CLI prints the resume command
 and exits 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
 
 While Ray Tune runs (`graceful()`), the first signal only *requests* the stop: Tune's stopper ends

@@ -1,7 +1,7 @@
 """Search folders: the resume state, finished results, export of the best config, evaluation of an export.
 
 A search folder (`raypress_runs/<name>-<time>/`) holds `raypress_state.json` (config + searcher
-state, rewritten atomically after every finished trial) and, once finished, `result.json` (best
+state, rewritten atomically at most every second and when the search ends) and, once finished, `result.json` (best
 config, perplexities).
 """
 from __future__ import annotations

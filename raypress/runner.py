@@ -235,10 +235,13 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
                     "  %d evaluator%s %s", n_eval, "s" if n_eval > 1 else "",
                     f"ready in {t_ready - t_pool:.0f} s" if started else "of the previous search reused")
                 # progress rates and ETAs count from here: loading the model (minutes at 70B) is not search speed
+                saver = state_saver(searcher, state_file, base)
                 cbs = [generation_logger(searcher, tracker, t_ready, info.total_evaluations(cfg),
-                                         cfg.searcher.generations if info.generational else None),
-                       state_saver(searcher, state_file, base)]
-                run_tune(cfg, info, pool, searcher, space, cbs + list(callbacks or []), name)
+                                         cfg.searcher.generations if info.generational else None), saver]
+                try:
+                    run_tune(cfg, info, pool, searcher, space, cbs + list(callbacks or []), name)
+                finally:  # finished, stopped or failed: the state after the last scored trial
+                    saver.write()
             best, best_fitness = searcher.best_config, searcher.best_fitness
             history = list(searcher.history)
             evaluations = history[-1]["evaluations"] if history else 0

@@ -162,7 +162,10 @@ def test_killed_driver_resumes_to_the_same_best_config(fault_root, reference, wi
     from raypress.tracking import reap_dead_runs
 
     out_root = fault_root / "driver_kill"
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    # the state after every trial (not every second): the kill lands after the first generation of a
+    # search that takes about a second
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+           "RAYPRESS_SAVE_EVERY_S": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "raypress.cli", "search"]
     for o in _overrides(fault_root, wikitext_path, "driver_kill"):

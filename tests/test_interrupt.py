@@ -106,3 +106,34 @@ def test_stop_then_resume_spends_the_budget_once_and_reproduces_the_run(tmp_path
     assert resumed.evaluations == reference.evaluations == 8
     assert resumed.best_config == reference.best_config
     assert resumed.best_fitness == pytest.approx(reference.best_fitness, rel=1e-6)
+
+
+def test_the_state_file_keeps_the_last_scored_trial_at_most_every_second(tmp_path, monkeypatch):
+    """tune_loop.state_saver: a snapshot after every scored trial, the file at most every SAVE_EVERY_S
+    (a save cost ~5% of a SmolLM2 candidate), the last snapshot on write(); a trial that ends after a
+    stop request (not scored) leaves the snapshot as it was."""
+    from raypress import interrupt, tune_loop
+
+    class Counting:  # stands for a searcher: its state is how many trials it has taken
+        n = 0
+
+        def get_state(self):
+            return {"n": self.n}
+
+    searcher, path = Counting(), tmp_path / "state.json"
+    saver = tune_loop.state_saver(searcher, path, {"run_name": "r"})
+    saved = lambda: json.loads(path.read_text())["searcher"]["n"]  # noqa: E731
+    for n in (1, 2, 3):
+        searcher.n = n
+        saver.on_trial_complete(0, [], None)
+    assert saved() == 1  # the first at once, the next two within the same second
+    monkeypatch.setattr(interrupt, "_pending", interrupt.Interrupted())
+    searcher.n = 4  # re-queued by a stop: not a scored trial
+    saver.on_trial_complete(0, [], None)
+    saver.write()
+    assert saved() == 3
+    monkeypatch.setattr(tune_loop, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(interrupt, "_pending", None)
+    searcher.n = 5
+    saver.on_trial_complete(0, [], None)
+    assert saved() == 5
