@@ -63,43 +63,32 @@ def _pool_members() -> set[str]:
 
 def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, ray_session, mlflow_uri,
                                                                      wikitext_path, capsys):
+    """Two targets x three searchers: children under one parent, random gets the evolution's budget,
+    each target's searchers share one evaluator (the schedule runs first, the table keeps the order
+    asked) and measure uniform once on it, and a new target gets a new evaluator."""
     from raypress.compare import compare, matched_budget
 
-    cfg = _cfg(tmp_path, wikitext_path, "searcher.generations=2")
+    cfg = _cfg(tmp_path, wikitext_path, "searcher.generations=1")
     evals, per_eval = matched_budget(cfg)
-    assert evals == 2 * (5 + 2) and per_eval % 64 == 0
+    assert evals == 1 * (5 + 2) and per_eval % 64 == 0
     members = _pool_members()
-    rows = compare(cfg, ["evopress", "random", "uniform"], [0.5])
-    assert [r["searcher"] for r in rows] == ["evopress", "random", "uniform"]
-    # one evaluator for the three: random's search and uniform's held-out numbers reused evopress's
-    assert len(_pool_members() - members) == 1
-    assert rows[0]["evaluations"] == rows[1]["evaluations"] == evals
+    rows = compare(cfg, ["evopress", "random", "uniform"], [0.4, 0.5])
+    assert [(r["target"], r["searcher"]) for r in rows] == [
+        (t, s) for t in (0.4, 0.5) for s in ("evopress", "random", "uniform")]
+    assert len(_pool_members() - members) == 2  # one evaluator per target
+    for evo, rnd, uni in (rows[:3], rows[3:]):
+        assert evo["evaluations"] == rnd["evaluations"] == evals
+        assert evo["ppl_uniform"] == rnd["ppl_uniform"] == uni["ppl"] == uni["ppl_uniform"]
+    assert rows[0]["ppl_uniform"] != rows[3]["ppl_uniform"]
     c = MlflowClient(mlflow_uri)
     runs = c.search_runs([c.get_experiment_by_name("raypress").experiment_id])
     parents = [r for r in runs if r.info.run_name.startswith("compare ")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
     arts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
-    assert {"comparison.json", "comparison.txt", "fitness_curves_0.5.png"} <= arts
+    assert {"comparison.json", "comparison.txt", "fitness_curves_0.4.png", "fitness_curves_0.5.png"} <= arts
     assert "evopress" in capsys.readouterr().out
-
-
-def test_compare_at_two_targets_one_evaluator_each_table_in_the_order_asked(tmp_path, ray_session, mlflow_uri,
-                                                                           wikitext_path):
-    """Each target's searchers share one evaluator (the schedule runs first, the table keeps the
-    order asked), and a new target gets a new one. The searches measure uniform on that evaluator
-    once: the evolution's uniform reference is the uniform schedule's result."""
-    from raypress.compare import compare
-
-    members = _pool_members()
-    rows = compare(_cfg(tmp_path, wikitext_path, "searcher.generations=1"), ["evopress", "uniform"], [0.4, 0.5])
-    assert [(r["target"], r["searcher"]) for r in rows] == [(0.4, "evopress"), (0.4, "uniform"),
-                                                           (0.5, "evopress"), (0.5, "uniform")]
-    assert len(_pool_members() - members) == 2
-    for evo, uni in (rows[:2], rows[2:]):
-        assert evo["ppl_uniform"] == uni["ppl"] == uni["ppl_uniform"]
-    assert rows[0]["ppl_uniform"] != rows[2]["ppl_uniform"]
 
 
 FAMILY_SETS = {
