@@ -120,12 +120,16 @@ def _get(x):
 TEACHER_CACHE_MAX = 16 * 2**30  # auto budget's ceiling: more pages than a search draws rows for is waste
 
 
-def teacher_cache_budget(teacher_cache_gb: float | None, gpu_free: int | None = None, host_total: int = 0) -> int:
+def teacher_cache_budget(teacher_cache_gb: float | None, gpu_free: int | None = None,
+                         host_total: int | None = None) -> int:
     """Bytes of teacher pages an evaluator keeps: evaluator.teacher_cache_gb when set, else a quarter
-    of the free GPU memory (device teachers) or 15% of host RAM (pinned / CPU), at most 16 GiB."""
+    of the free GPU memory (device teachers) or 15% of host RAM (pinned / CPU), at most 16 GiB (the
+    ceiling itself when neither is known, as in `raypress plan` without a GPU size)."""
     if teacher_cache_gb is not None:
         return int(teacher_cache_gb * 2**30)
-    return min(gpu_free // 4 if gpu_free is not None else host_total * 15 // 100, TEACHER_CACHE_MAX)
+    if gpu_free is not None:
+        return min(gpu_free // 4, TEACHER_CACHE_MAX)
+    return min(host_total * 15 // 100, TEACHER_CACHE_MAX) if host_total is not None else TEACHER_CACHE_MAX
 
 
 class Evaluator:
@@ -512,11 +516,10 @@ def _node_id() -> str:
 
 def _load_oom_message(spec: EvaluatorSpec) -> str:
     """The one line for an evaluator that ran out of GPU memory while loading, with what the GPU had."""
-    import gc
+    from .calibrate import release_gpu_cache
 
-    gc.collect()
-    torch.cuda.empty_cache()
     device = resolve_device(spec.device)
+    release_gpu_cache(device)
     free, total = torch.cuda.mem_get_info(device)
     return (f"out of GPU memory on {device} while an evaluator loaded the model and its level variants "
             f"({free / 2**30:.1f} of {total / 2**30:.1f} GiB free now, after giving back what it had taken: "

@@ -11,7 +11,7 @@ import copy
 
 from .config import validate
 from .errors import RayPressError
-from .evaluator import TEACHER_CACHE_MAX, teacher_cache_budget
+from .evaluator import teacher_cache_budget
 from .fitness import CHUNK_ELEMENTS, teacher_token_bytes
 from .families import get_family
 from .models import RANDOM_NOTE, get_adapter, is_random, meta_model
@@ -132,7 +132,7 @@ def resources(cfg, cluster: str | None = None, model=None) -> dict:
     per_token = teacher_token_bytes(vocab, cfg.evaluator.kl_topk)
     pool = cfg.data.n_calib * (cfg.data.seq_len - 1) * per_token
     stage = max(t for t, _ in cfg.searcher.stages) * per_token
-    cap = teacher_cache_budget(cfg.evaluator.teacher_cache_gb, gpu_free=int(gb * 2**30) if gb else 4 * TEACHER_CACHE_MAX)
+    cap = teacher_cache_budget(cfg.evaluator.teacher_cache_gb, gpu_free=int(gb * 2**30) if gb else None)
     teacher = int(max(min(pool, cap), stage)) if cfg.evaluator.teacher_memory == "device" else 0
     on_gpu = total * ebytes if cfg.evaluator.mode != "streamed" else (outside + 2 * block_params) * ebytes
     # a forward batch's logits in the model dtype, their next-token copy, and the KL's float32 work on

@@ -176,7 +176,8 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         t_db = time.time()
         # evaluators that a previous search of a comparison left running already hold the database:
         # serving it again would put a second copy into the object store
-        reuse = pools is not None and pools.peek(evaluator_key(cfg)) is not None
+        key = evaluator_key(cfg) if pools is not None else None  # the searcher hints below do not change it
+        reuse = pools is not None and pools.peek(key) is not None
         prep = family.prepare(cfg, model, adapter, splits.calib, serve=not reuse)
         db_s = time.time() - t_db
         prep.context["stats"] = stats or StatsCache()
@@ -227,7 +228,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             if not getattr(searcher, "finished", False):  # a resume after the last evaluation: nothing to tune
                 t_pool = time.time()
                 if pools is not None:
-                    pool, started = pools.get(evaluator_key(cfg), spec, n_eval, res)
+                    pool, started = pools.get(key, spec, n_eval, res)
                 else:
                     pool, started = owned.enter_context(EvaluatorPool(spec, n_eval, res)), True
                 t_ready = time.time()
@@ -253,7 +254,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
             "  held-out evaluation: dense, uniform and the result on %s tokens (%s), then both on the monitor batch",
             f"{splits.eval.size:,}", describe_source(cfg.data.source))
         if pool is None and pools is not None:  # a schedule in a comparison: the evaluators the next searches reuse
-            pool, _ = pools.get(evaluator_key(cfg), spec, n_eval, res)
+            pool, _ = pools.get(key, spec, n_eval, res)
         if pool is not None:
             run, close = pool.call, (lambda: None) if pools is not None else pool.close
         else:
