@@ -333,12 +333,18 @@ class StatsCache:
     The level errors (DP's input) read every variant of the database (607 GB for OPT-66B at 5 levels)
     and cost 3 matmuls per layer and level: they are computed only for a schedule that takes them
     (search.schedules.takes_level_errors) or when `schedules`, the names a comparison will ask for,
-    include one (then the first pass computes them, and no second pass is needed)."""
+    include one (then the first pass computes them, and no second pass is needed).
 
-    def __init__(self, schedules: Sequence[str] = ()):
+    folder: where the answers are also kept on disk (the runner passes `stats_folder()`), one small
+    JSON file per key: the pass costs ~33 s per OPT-66B block (35 min for the model), and a job that
+    dies after it, or the next job on the same model and tokens, should not pay it again. The key
+    holds the model's fingerprint (config + weight files), so changed weights miss."""
+
+    def __init__(self, schedules: Sequence[str] = (), folder=None):
         self._key = None
         self._inputs: dict | None = None
         self.schedules = tuple(schedules)
+        self.folder = folder
 
     def get(self, model_id: str, model, adapter, calib: np.ndarray, space, db=None, device="cpu",
             layers: Sequence[str] | None = None, schedule: str | None = None) -> dict:
@@ -351,6 +357,68 @@ class StatsCache:
                float(space.target) if for_sparsity(space) else None, None if layers is None else tuple(layers))
         errors = db is not None and (schedule is None or any(map(takes_level_errors, (schedule, *self.schedules))))
         if key != self._key or (errors and "errors" not in self._inputs):
+            path = self._path(key)
+            kept = _read_stats(path)
+            if kept is not None and (not errors or "errors" in kept):
+                log.info("dense-model statistics: read from %s (no pass over the model)", path)
+                self._key, self._inputs = key, kept
+                return self._inputs
             self._key, self._inputs = key, schedule_inputs(model, adapter, calib, space, db if errors else None,
                                                            device, layers=layers)
+            _write_stats(path, self._inputs)
         return self._inputs
+
+    def _path(self, key):
+        """The file for `key`, or None (no folder, or a model without a fingerprint: tests' in-memory models)."""
+        if self.folder is None:
+            return None
+        import hashlib
+        import json
+        from pathlib import Path
+
+        from .models import model_fingerprint
+        try:
+            fingerprint = model_fingerprint(key[0])
+        except Exception:  # not a resolvable model spec: keep the answers in memory only
+            return None
+        digest = hashlib.sha256(json.dumps([fingerprint, *key[1:]]).encode()).hexdigest()[:32]
+        return Path(self.folder) / f"{digest}.json"
+
+
+def stats_folder():
+    """``models.cache_dir() / "stats"``: the dense-model statistics StatsCache keeps on disk."""
+    from .models import cache_dir
+
+    return cache_dir() / "stats"
+
+
+def _read_stats(path) -> dict | None:
+    """The answers kept at `path`, or None (no file; an unreadable one is said and computed again)."""
+    import json
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["inputs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("dense-model statistics at %s unreadable (%s): computing them again", path, e)
+        return None
+
+
+def _write_stats(path, inputs: dict) -> None:
+    """Write atomically (a job killed mid-write leaves no half file); a full or read-only disk costs
+    only the next job's pass, so it is said, not raised."""
+    import json
+    import os
+
+    if path is None:
+        return
+    plain = {name: {k: ([float(x) for x in v] if isinstance(v, (list, tuple)) else float(v)) for k, v in d.items()}
+             for name, d in inputs.items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"inputs": plain}))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("dense-model statistics not kept at %s (%s): the next job computes them again", path, e)

@@ -12,7 +12,7 @@ import copy
 import logging
 import time
 
-from .calibrate import StatsCache
+from .calibrate import StatsCache, stats_folder
 from .config import Config, init_names, validate
 from .models import RANDOM_NOTE, is_random
 from .ray_env import ensure_ray
@@ -59,7 +59,7 @@ def compare(cfg: Config, searchers=DEFAULT_SEARCHERS, targets=None) -> list[dict
     ensure_ray(cfg.ray_address)
     # the schedules this comparison will ask for (searchers and warm starts): DP's level errors, if one
     # takes them, are computed in the first statistics pass instead of a second one
-    stats = StatsCache(schedules=[*searchers, *init_names(cfg)])
+    stats = StatsCache(schedules=[*searchers, *init_names(cfg)], folder=stats_folder())
     model = cfg.model.rstrip("/").split("/")[-1]
     parent = Tracker(cfg.tracking.uri, cfg.tracking.experiment,
                      f"compare {'/'.join(f'{t:g}' for t in targets)} {','.join(searchers)} {model} {cfg.method}")

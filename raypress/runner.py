@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import trial
-from .calibrate import StatsCache
+from .calibrate import StatsCache, stats_folder
 from .config import Config, init_names
 from .data import describe_source, load_tokens, make_splits
 from .evaluator import Evaluator, EvaluatorSpec
@@ -180,7 +180,7 @@ def run_search(cfg: Config, resume: str | Path | None = None, callbacks: list | 
         reuse = pools is not None and pools.peek(key) is not None
         prep = family.prepare(cfg, model, adapter, splits.calib, serve=not reuse)
         db_s = time.time() - t_db
-        prep.context["stats"] = stats or StatsCache()
+        prep.context["stats"] = stats or StatsCache(folder=stats_folder())
         cfg = with_hints(cfg, prep.hints)
         space = prep.space
         if not resume:

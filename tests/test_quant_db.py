@@ -283,3 +283,37 @@ def test_level_errors_only_for_schedules_that_take_them(tiny, built, monkeypatch
     first = ahead.get(spec, model, ad, calib, space, db, schedule="owl")
     assert "errors" in first and ahead.get(spec, model, ad, calib, space, db, schedule="dp") is first
     assert passes == [False, True, True]
+
+
+def test_statistics_are_kept_on_disk_for_the_next_job(tiny, built, monkeypatch, tmp_path, caplog):
+    """The statistics pass costs ~35 min on OPT-66B: a cache with a folder writes its answers there,
+    and a new cache (the next job, or the same job run again after a crash) reads them instead of
+    passing over the model; a file without DP's level errors is computed again when DP asks; a
+    damaged file is said and computed again; other weights (another fingerprint) miss."""
+    import raypress.calibrate as cal
+    import raypress.models as models
+    from raypress.space import SearchSpace
+
+    spec, model, ad, calib = tiny
+    db = built[0]
+    space = SearchSpace.for_database(db, 4.0)
+    passes = []
+    real = cal.schedule_inputs
+    monkeypatch.setattr(cal, "schedule_inputs", lambda *a, **k: passes.append(a[4] is not None) or real(*a, **k))
+    first = cal.StatsCache(folder=tmp_path).get(spec, model, ad, calib, space, db, schedule="owl")
+    assert passes == [False] and len(list(tmp_path.glob("*.json"))) == 1
+    again = cal.StatsCache(folder=tmp_path).get(spec, model, ad, calib, space, db, schedule="owl")
+    assert passes == [False] and again.keys() == first.keys()
+    with_dp = cal.StatsCache(folder=tmp_path).get(spec, model, ad, calib, space, db, schedule="dp")
+    assert passes == [False, True] and "errors" in with_dp
+    read = cal.StatsCache(folder=tmp_path).get(spec, model, ad, calib, space, db, schedule="dp")
+    assert passes == [False, True]
+    assert read["errors"] == {k: [float(x) for x in v] for k, v in with_dp["errors"].items()}  # JSON round-trips floats
+    (path,) = tmp_path.glob("*.json")
+    path.write_text("{not json")
+    cal.StatsCache(folder=tmp_path).get(spec, model, ad, calib, space, db, schedule="owl")
+    assert passes == [False, True, False] and "unreadable" in caplog.text
+    real_fp = models.model_fingerprint
+    monkeypatch.setattr(models, "model_fingerprint", lambda s: real_fp(s) + "|retrained")
+    cal.StatsCache(folder=tmp_path).get(spec, model, ad, calib, space, db, schedule="owl")
+    assert passes == [False, True, False, False] and len(list(tmp_path.glob("*.json"))) == 2
