@@ -269,6 +269,44 @@ def _hf_pieces(name: str, split: str | None) -> tuple[Iterator[str], bool]:
     return gen(), streaming
 
 
+# ----------------------------------------------------------------------------- files, memoized
+_TOKENIZED: dict = {}  # (files, tokenizer, max_tokens) -> tokens: the last few, see _tokenize_files
+_TOKENIZED_KEEP = 4
+_TOKENIZED_MAX_BYTES = 256 << 20
+
+
+def _tokenizer_id(tokenizer) -> str:
+    """What identifies a tokenizer's output: its class and a hash of its full definition (vocabulary,
+    merges, added tokens, normalizer), taken at every call: a tokenizer changed in place misses
+    (~50 ms for a 128k vocabulary, against seconds to minutes of tokenizing)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return f"{type(tokenizer).__name__}:{hashlib.sha256(body.encode()).hexdigest()[:16]}"
+
+
+def _tokenize_files(files: list[Path], tokenizer, max_tokens: int | None) -> np.ndarray:
+    """Tokens of `files`, remembered in this process: a comparison, a pareto front or a notebook runs
+    several searches on the same corpus (WikiText-2's validation split is ~1 s to tokenize, a larger
+    corpus minutes). Keyed by each file's path, size and mtime and by the tokenizer's definition, so
+    an edited file or another tokenizer misses. Callers get their own copy (the memo stays as read)."""
+    if tokenizer is None:
+        raise RayPressError("load_tokens needs a tokenizer; load it with load_model(spec) (returns model, tokenizer)")
+    try:
+        stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        key = (stamp, _tokenizer_id(tokenizer), max_tokens)
+    except (OSError, AttributeError, TypeError):  # unusual tokenizer or file: no memo
+        return _tokenize_stream(_iter_files(files), tokenizer, max_tokens)
+    tokens = _TOKENIZED.get(key)
+    if tokens is None:
+        tokens = _tokenize_stream(_iter_files(files), tokenizer, max_tokens)
+        tokens.setflags(write=False)
+        if tokens.nbytes <= _TOKENIZED_MAX_BYTES:
+            while len(_TOKENIZED) >= _TOKENIZED_KEEP:
+                _TOKENIZED.pop(next(iter(_TOKENIZED)))
+            _TOKENIZED[key] = tokens
+    return tokens.copy()
+
+
 # ----------------------------------------------------------------------------- public API
 def load_tokens(source: str, tokenizer, max_tokens: int | None = None) -> np.ndarray:
     """A 1-D int64 token stream from `source` (see module doc), at most `max_tokens` long."""
@@ -279,11 +317,9 @@ def load_tokens(source: str, tokenizer, max_tokens: int | None = None) -> np.nda
     src = source.strip()
     if src == "default":
         src = offline_source()
-    if src.startswith("text:"):
-        files = text_files(src[len("text:"):])
-        tokens = _tokenize_stream(_iter_files(files), tokenizer, max_tokens)
-    elif src == "brown":
-        tokens = _tokenize_stream(_iter_files([brown_path()]), tokenizer, max_tokens)
+    if src.startswith("text:") or src == "brown":
+        files = text_files(src[len("text:"):]) if src != "brown" else [brown_path()]
+        tokens = _tokenize_files(files, tokenizer, max_tokens)
     elif src.split(":", 1)[0] in HF_SOURCES:
         name, _, split = src.partition(":")
         pieces, streaming = _hf_pieces(name, split or None)

@@ -433,7 +433,7 @@ def test_ray_address_unreachable_fails_fast(tmp_path, wikitext_path):
     _check_leftovers(tmp_path)
 
 
-def test_gpu_out_of_memory_in_an_evaluator_actor(tmp_path, wikitext_path):
+def test_gpu_out_of_memory_in_an_evaluator_actor(tmp_path, store_in_tmp, wikitext_path):
     """torch.cuda.OutOfMemoryError inside the evaluator actor (injected in every Ray worker) comes back
     as one line naming evaluator.batch_size / kl_topk, is not retried, and fails the MLflow run."""
     t0 = time.time()
@@ -457,7 +457,7 @@ def test_gpu_out_of_memory_in_an_evaluator_actor(tmp_path, wikitext_path):
     assert (tmp_path / "faults.log").read_text().count("oom") == 1
 
 
-def test_gpu_out_of_memory_while_an_evaluator_loads(tmp_path, wikitext_path):
+def test_gpu_out_of_memory_while_an_evaluator_loads(tmp_path, store_in_tmp, wikitext_path):
     """An evaluator that runs out of GPU memory while loading the model and its variants (Ray would
     restart it into the same error) is one line with what the GPU has free and the knobs that help."""
     t0 = time.time()
@@ -471,7 +471,7 @@ def test_gpu_out_of_memory_while_an_evaluator_loads(tmp_path, wikitext_path):
     _check_leftovers(tmp_path)
 
 
-def test_trials_that_fail_every_time_end_the_search_with_one_line(tmp_path, wikitext_path):
+def test_trials_that_fail_every_time_end_the_search_with_one_line(tmp_path, store_in_tmp, wikitext_path):
     """A failure that is not a user error and repeats for every trial (here: every trial raises) would
     be retried forever (a failed trial's candidate is queued again); after tune_loop.CRASH_LOOP failed
     trials in a row the search ends with the last failure's first line, the state kept for a resume."""
@@ -498,7 +498,7 @@ sys.exit(main(json.loads(sys.argv[1])))
 """
 
 
-def test_a_write_that_fails_for_space_is_one_line_and_leaves_no_half_database(tmp_path, wikitext_path):
+def test_a_write_that_fails_for_space_is_one_line_and_leaves_no_half_database(tmp_path, store_in_tmp, wikitext_path):
     """`raypress build-db` whose database writes fail mid-build (a 64 KiB file-size limit: the write
     fails as it would on a full disk, deep inside safetensors): one line naming the file and the fix,
     no traceback, no half-written database folder."""

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from _tiny import tiny_tokenizer_dir
+from _tiny import tiny_llama, tiny_tokenizer_dir
 from raypress import data
 from raypress.data import TokenSplits, load_tokens, make_splits, sample_batch
 from raypress.errors import RayPressError
@@ -192,3 +192,34 @@ def test_sample_batch():
     assert sample_batch(calib, 6400, 0, 0, 0).shape == (64, 100)
     with pytest.raises(RayPressError, match="n_calib"):
         sample_batch(calib, 6401, 0, 0, 0)
+
+
+def test_a_text_corpus_is_tokenized_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """Searches of a comparison or a notebook read the same corpus: the second read is the
+    remembered tokens (a copy: editing it leaves the memo alone); an edited file or another
+    tokenizer is tokenized again."""
+    import os
+
+    import raypress.data as data
+    from raypress.models import load_model
+
+    _, tok = load_model(tiny_llama())
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    calls = []
+    real = data._tokenize_stream
+    monkeypatch.setattr(data, "_tokenize_stream", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = data.load_tokens(f"text:{corpus}", tok)
+    a[:] = 0
+    b = data.load_tokens(f"text:{corpus}", tok)
+    assert len(calls) == 1 and b.any() and b.flags.writeable
+    corpus.write_text("another text entirely, with other words in it\n" * 200)
+    os.utime(corpus, ns=(1, 1))  # even with an mtime from the past: the size changed
+    c = data.load_tokens(f"text:{corpus}", tok)
+    assert len(calls) == 2 and not np.array_equal(b[:50], c[:50])
+    _, other = load_model(tiny_llama())  # another object, the same definition: remembered
+    data.load_tokens(f"text:{corpus}", other)
+    assert len(calls) == 2
+    other.add_tokens(["quickbrownfox"])  # a changed definition misses
+    data.load_tokens(f"text:{corpus}", other)
+    assert len(calls) == 3

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["ctrl-c-to-the-group", "sigterm-to-the-driver"])
-def test_signal_stops_the_search_resumable(tmp_path, wikitext_path, signum, to_group):
+def test_signal_stops_the_search_resumable(tmp_path, store_in_tmp, wikitext_path, signum, to_group):
     import psutil
 
     ov = [f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=32",
