@@ -9,6 +9,10 @@ cluster by work, never by guesswork:
   * search: resident and device_map evaluators are compute bound: seconds = 2·P·tokens / (measured
     FLOP/s x the target GPU's bf16 peak / the measured GPU's); streamed evaluators are bound by the
     host->GPU copy of every block per forward: seconds ∝ the model's block bytes.
+  * statistics: the one pass over the dense model that OWL, the Hessian scheduler and DP take first
+    (calibrate.schedule_inputs: every layer's Hessian and an inverse per layer), ∝ weights x input
+    width like a Hessian build, on the driver's one device; run once per model and tokens (kept in
+    the cache: calibrate.StatsCache).
 Every estimate names the measurement it came from. Random-weight measurements time real work.
 """
 from __future__ import annotations
@@ -76,6 +80,17 @@ def record(arch: dict, *, gpu: str, method: str, levels: int, build_s: float, bu
     return entry
 
 
+def record_statistics(arch: dict, *, gpu: str, seconds: float, calib_tokens: int, source: str) -> dict:
+    """Add (or replace) the statistics pass measured on `arch` (seconds for all its blocks)."""
+    key = f"{gpu}|statistics|{arch['model_type']}-{arch['hidden']}x{arch['blocks']}"
+    entry = {"key": key, "kind": "statistics", "gpu": gpu, "arch": arch, "stats_s": seconds,
+             "stats_s_per_work": seconds / (arch["blocks"] * arch["block_linear_x_in"]),
+             "calib_tokens": calib_tokens, "source": source, "measured": time.strftime("%Y-%m-%d")}
+    rows = [r for r in load() if r["key"] != key] + [entry]
+    PATH.write_text(json.dumps(rows, indent=1) + "\n")
+    return entry
+
+
 def _pick(rows, **want):
     """The measurement matching most of `want` (later keys matter less), newest first."""
     best, score = None, -1
@@ -101,12 +116,22 @@ def estimate(cfg, arch: dict, *, evaluators: int, gpus: int, gpu_gib: float | No
     from .families import get_family
 
     rows = load() if rows is None else rows
+    stats_rows = [r for r in rows if r.get("kind") == "statistics"]
+    rows = [r for r in rows if r.get("kind") != "statistics"]
     target_gpu = gpu_kind(gpu_gib) or "H200"
-    out = {"est_build_s": None, "est_search_s": None, "basis": []}
-    if not rows:
+    out = {"est_build_s": None, "est_search_s": None, "est_stats_s": None, "basis": []}
+    if not rows and not stats_rows:
         out["basis"].append("no measured costs (run bench/scale.py on a GPU)")
         return out
     family = get_family(cfg.family)
+    if family.calibrated_schedules:  # OWL / Hessian / DP pass over the dense model first
+        m = _pick(stats_rows, gpu=target_gpu)
+        if m is not None:
+            scale = gpu_peak_tflops(m["gpu"], 1.0) / gpu_peak_tflops(target_gpu, gpu_peak_tflops(m["gpu"], 1.0))
+            out["est_stats_s"] = m["stats_s_per_work"] * arch["blocks"] * arch["block_linear_x_in"] * scale
+            out["basis"].append(f"statistics pass (OWL, Hessian, DP; once per model and tokens): measured on "
+                                f"{m['gpu']} ({m['key'].split('|')[-1]}, {m['stats_s'] / m['arch']['blocks']:.1f} "
+                                f"s/block, {m['calib_tokens']:,} calibration tokens), scaled by weights x input width")
     if family.has_database and getattr(family, "method", None):
         method = family.method(cfg)
         hessian = bool(method.needs_hessian)

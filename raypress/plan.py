@@ -56,7 +56,8 @@ def _starts(cfg, space, info) -> str:
     what = f"starts: exact budget {space.budget} over {len(space.layers)} units"
     if info.one_shot:  # every schedule but uniform first runs the dense model over the calibration tokens
         return what + (" (one-shot schedule)" if info.name == "uniform" else
-                       " (one-shot schedule after a pass over the dense model, not in the time estimates)")
+                       " (one-shot schedule after a pass over the dense model: the statistics pass in "
+                       "the resources; once per model and tokens)")
     if info.generational or info.front:  # evolutions: their own count (a front: one per budget)
         return what + f" ({info.total_evaluations(cfg)} evaluations)"
     evals, tokens = registry.evaluation_budget(cfg)
@@ -182,10 +183,12 @@ def _estimates(cfg, model, adapter, evaluators: int, gpus: int, gpu_gib) -> dict
     from . import costs
 
     if not gpus:
-        return {"est_build_s": None, "est_search_s": None, "est_basis": ["no GPUs in --cluster: nothing measured on CPU"]}
+        return {"est_build_s": None, "est_search_s": None, "est_stats_s": None,
+                "est_basis": ["no GPUs in --cluster: nothing measured on CPU"]}
     gib = gpu_gib or 141.0
     est = costs.estimate(cfg, costs.arch_of(model, adapter), evaluators=evaluators, gpus=gpus, gpu_gib=gib)
-    return {"est_build_s": est["est_build_s"], "est_search_s": est["est_search_s"], "est_basis": est["basis"]}
+    return {"est_build_s": est["est_build_s"], "est_search_s": est["est_search_s"],
+            "est_stats_s": est["est_stats_s"], "est_basis": est["basis"]}
 
 
 def _placement(cfg, family, db_bytes, nodes: int) -> str | None:
@@ -222,6 +225,8 @@ def format_resources(r: dict) -> str:
              f"  evaluators              {r['evaluators']}",
              f"  database build time     {_hours(r['est_build_s'])}",
              f"  search time             {_hours(r['est_search_s'])}",
+             *([f"  statistics pass         {_hours(r['est_stats_s'])} (before OWL, Hessian, DP; once per model "
+                "and tokens)"] if r.get("est_stats_s") is not None else []),
              *(f"    ({b})" for b in r.get("est_basis", []))]
     if r.get("warning"):
         lines.append(f"  warning: {r['warning']}")

@@ -160,10 +160,10 @@ def test_plan_opt66b_offline_from_the_bundled_config(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "facebook/opt-66b" in out and "384 units" in out
     assert out.count(" yes ") >= 2 * 7  # evopress, random, tpe, cmaes, nsga2, uniform, owl, hessian, dp at both
-    # the schedules that calibrate say their pass is not in the time estimates; uniform has none
+    # the schedules that calibrate point at the statistics pass's estimate; uniform has no pass
     hessian = [l for l in out.splitlines() if " hessian " in l]
-    assert len(hessian) == 2 and all("not in the time estimates" in l for l in hessian)
-    assert not any("not in the time estimates" in l for l in out.splitlines() if " uniform " in l)
+    assert len(hessian) == 2 and all("the statistics pass in the resources" in l for l in hessian)
+    assert not any("statistics pass" in l for l in out.splitlines() if " uniform " in l)
 
 
 def test_unknown_searcher_in_plan_is_one_line(capsys):

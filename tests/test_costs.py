@@ -68,3 +68,27 @@ def test_no_measurement_says_so():
     a = _arch()
     evals, _ = costs.search_work(streamed)
     assert est["est_search_s"] == pytest.approx(evals * a["blocks"] * a["block_params"] * 2 / 1e10)
+
+
+def test_the_statistics_pass_is_estimated_for_families_whose_schedules_take_it():
+    """OWL / Hessian / DP start with one pass over the dense model (~20 s per OPT-66B block on an
+    H100): estimated from its own measurement, scaled like a Hessian build (weights x input width,
+    bf16 peak), and never mistaken for a database build; a family without such a schedule (width)
+    gets no estimate."""
+    arch = _arch()
+    stats = {"key": "H100|statistics|llama-576x8", "kind": "statistics", "gpu": "H100", "arch": {**arch, "blocks": 8},
+             "stats_s": 16.0, "stats_s_per_work": 16.0 / (8 * arch["block_linear_x_in"]), "calib_tokens": 65536}
+    rows = _rows(arch) + [stats]
+    sparsity = load_config(None, ["method=magnitude", "levels=[0.0, 0.5, 0.7]", "target=0.5"])
+    est = costs.estimate(sparsity, arch, evaluators=1, gpus=1, gpu_gib=80, rows=rows)
+    assert est["est_stats_s"] == pytest.approx(2.0 * arch["blocks"])
+    assert est["est_build_s"] == costs.estimate(sparsity, arch, evaluators=1, gpus=1, gpu_gib=80,
+                                                rows=_rows(arch))["est_build_s"]
+    assert any("statistics pass" in b and "65,536 calibration tokens" in b for b in est["basis"])
+    a100 = costs.estimate(sparsity, arch, evaluators=1, gpus=1, gpu_gib=40, rows=rows)
+    assert a100["est_stats_s"] == pytest.approx(est["est_stats_s"] * 790 / 312)
+    wide = dict(arch, block_linear_x_in=3 * arch["block_linear_x_in"])
+    assert costs.estimate(sparsity, wide, evaluators=1, gpus=1, gpu_gib=80, rows=rows)["est_stats_s"] == \
+        pytest.approx(3 * est["est_stats_s"])
+    width = load_config(None, ["family=width", "method=lstsq", "target=0.25"])
+    assert costs.estimate(width, arch, evaluators=1, gpus=1, gpu_gib=80, rows=rows)["est_stats_s"] is None

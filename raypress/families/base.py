@@ -49,6 +49,9 @@ class Family(ABC):
     keys: tuple[str, ...] = ()
     #: one-shot schedules it offers ("uniform" is always among them)
     schedules: tuple[str, ...] = ("uniform",)
+    #: the schedules among them that start with the dense-model statistics pass (calibrate.StatsCache;
+    #: `raypress plan` estimates the pass for a family that has any)
+    calibrated_schedules: tuple[str, ...] = ()
     #: what a level value means, for reports
     value_kind: str = ""
     #: True when prepare() builds (or finds cached) a database: `raypress build-db` applies

@@ -25,6 +25,10 @@ class WeightFamily(Family):
             "database.stream")
     has_database = True
 
+    @property
+    def calibrated_schedules(self) -> tuple[str, ...]:  # every one but uniform: see schedule() below
+        return tuple(n for n in self.schedules if n != "uniform")
+
     def driver_model(self, cfg, model=None) -> dict:
         """The driver streams the model block by block (calibration and database build materialize one
         block at a time): random models always, in the storage dtype (their weights are generated);
