@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--paths", default="raw,tune")
     p.add_argument("--cache", default=None, help="database cache root (default: a temp dir)")
     p.add_argument("--no-record", action="store_true", help="do not write raypress/measured_costs.json")
+    p.add_argument("--stats", action="store_true", help="also time the dense-model statistics pass (OWL / Hessian "
+                   "scheduler: calibrate.schedule_inputs without DP's level errors) after the build")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write every number as JSON here")
     p.add_argument("--record-from", default=None, metavar="REPORT.json",
@@ -140,6 +142,14 @@ def main(argv=None) -> int:
     log(f"{args.model}: {arch['blocks']} blocks, {arch['matmul_params'] / 1e9:.2f} B matmul params; database "
         f"{db.total_bytes / 2**30:.1f} GiB ({n_levels} levels) in {build_s:.1f} s ({build_s / arch['blocks']:.2f} s/block)")
     space = SearchSpace.for_database(db, args.target)
+    if args.stats:  # what `raypress plan` estimates as the statistics pass (costs.record_statistics)
+        from raypress.calibrate import schedule_inputs
+
+        t = time.time()
+        schedule_inputs(model, adapter, splits.calib, space, None, device=cfg.database.device, progress=False)
+        report["stats"] = {"seconds": time.time() - t, "calib_tokens": int(splits.calib.size)}
+        log(f"statistics pass: {report['stats']['seconds']:.1f} s ({report['stats']['seconds'] / arch['blocks']:.2f} "
+            f"s/block, {splits.calib.size:,} calibration tokens)")
     del model
     log(f"driver RSS peak {rss_peak() / 2**30:.1f} GiB after the build")
 
@@ -253,6 +263,10 @@ def record(report: dict) -> None:
     """The report's per-block costs into raypress/measured_costs.json (the planner's numbers); a build
     read from a --cache folder measured nothing."""
     b, args = report["build"], report["args"]
+    if "stats" in report:
+        e = costs.record_statistics(report["arch"], gpu=report["gpu"], seconds=report["stats"]["seconds"],
+                                    calib_tokens=report["stats"]["calib_tokens"], source=f"bench/scale.py {args['model']}")
+        log(f"recorded the statistics pass in {costs.PATH.name}: {e['key']}")
     if b["cached"]:
         return
     raw = next((r for r in report["rows"] if r["path"] == "raw"), None)

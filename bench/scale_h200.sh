@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The scale measurements of issue 15 on one H200 (staged with bench/device_setup.sh), phase by phase so
 # that each fits one device call:  bash bench/scale_h200.sh 8b | sgpt66 | 70b | opt66b | ktopk | evo8 | smol
-# (T=seconds caps a phase, GENS=generations, PATHS=raw,tune, KTOPK=top-k KL (8b), KEEP=1 keeps the 8b database for the next call)
+# (T=seconds caps a phase, GENS=generations, PATHS=raw,tune, KTOPK=top-k KL (8b), STATS=1 times the statistics pass (8b),
+#  KEEP=1 keeps the 8b database for the next call)
 # Random weights of real architectures: time and memory are real, quality numbers are meaningless.
 # The device has 64 GiB of disk: ladders are cut to 2-3 stored levels (the plan scales by levels) and
 # each phase deletes its database when it is done. Outputs go to $OUT (JSON, logs, measured_costs.json).
@@ -13,7 +14,7 @@ data=text:/tmp/valid.txt
 case "${1:-}" in
   8b)  # every block of Llama-3-8B, EvoPress's stage sizes, database held on the GPU
     timeout ${T:-560} python3 bench/scale.py --model random:llama-3-8b --levels 0.5,0.7 --target 0.6 --data $data \
-      --generations ${GENS:-3} --paths ${PATHS:-raw,tune} ${KTOPK:+--kl-topk $KTOPK} --cache /tmp/sc8 --out "$O/r8b${PATHS:+-${PATHS//,/-}}.json" 2>&1 | grep -v Warning \
+      --generations ${GENS:-3} --paths ${PATHS:-raw,tune} ${KTOPK:+--kl-topk $KTOPK} ${STATS:+--stats} --cache /tmp/sc8 --out "$O/r8b${PATHS:+-${PATHS//,/-}}.json" 2>&1 | grep -v Warning \
       | tee "$O/r8b${PATHS:+-${PATHS//,/-}}.log" | tail -25
     [ -n "${KEEP:-}" ] || rm -rf /tmp/sc8 ;;  # KEEP=1: the next call reuses the database (same warm machine)
   sgpt66)  # SparseGPT's build cost per OPT-66B block (build only; the plan extrapolates to 64 blocks)
