@@ -261,19 +261,28 @@ def test_dp_statistics_are_computed_once_for_every_bits_target(tiny, built, monk
     assert calls == [3.0, 0.5, 0.6]
 
 
-def test_level_errors_only_for_schedules_that_take_them(tiny, built, monkeypatch):
+@pytest.fixture
+def passes(tiny, built, monkeypatch):
+    """(the 4-bit space of the built database, a list that gets one entry per statistics pass: whether
+    it computed DP's level errors)."""
+    import raypress.calibrate as cal
+    from raypress.space import SearchSpace
+
+    seen = []
+    real = cal.schedule_inputs
+    monkeypatch.setattr(cal, "schedule_inputs", lambda *a, **k: seen.append(a[4] is not None) or real(*a, **k))
+    return SearchSpace.for_database(built[0], 4.0), seen
+
+
+def test_level_errors_only_for_schedules_that_take_them(tiny, built, passes):
     """DP's level errors read every variant of the database: a cache asked for OWL or the Hessian
     scheduler skips them; asked for DP next it runs a pass with them; a cache told the comparison's
     schedules up front computes them in its first pass and answers DP from it."""
     import raypress.calibrate as cal
-    from raypress.space import SearchSpace
 
     spec, model, ad, calib = tiny
     db = built[0]
-    space = SearchSpace.for_database(db, 4.0)
-    passes = []
-    real = cal.schedule_inputs
-    monkeypatch.setattr(cal, "schedule_inputs", lambda *a, **k: passes.append(a[4] is not None) or real(*a, **k))
+    space, passes = passes
     cache = cal.StatsCache()
     assert "errors" not in cache.get(spec, model, ad, calib, space, db, schedule="owl")
     assert "errors" in cache.get(spec, model, ad, calib, space, db, schedule="dp")
@@ -285,21 +294,17 @@ def test_level_errors_only_for_schedules_that_take_them(tiny, built, monkeypatch
     assert passes == [False, True, True]
 
 
-def test_statistics_are_kept_on_disk_for_the_next_job(tiny, built, monkeypatch, tmp_path, caplog):
-    """The statistics pass costs ~35 min on OPT-66B: a cache with a folder writes its answers there,
+def test_statistics_are_kept_on_disk_for_the_next_job(tiny, built, passes, monkeypatch, tmp_path, caplog):
+    """The statistics pass costs ~22 min on OPT-66B (one H100): a cache with a folder writes its answers there,
     and a new cache (the next job, or the same job run again after a crash) reads them instead of
     passing over the model; a file without DP's level errors is computed again when DP asks; a
     damaged file is said and computed again; other weights (another fingerprint) miss."""
     import raypress.calibrate as cal
     import raypress.models as models
-    from raypress.space import SearchSpace
 
     spec, model, ad, calib = tiny
     db = built[0]
-    space = SearchSpace.for_database(db, 4.0)
-    passes = []
-    real = cal.schedule_inputs
-    monkeypatch.setattr(cal, "schedule_inputs", lambda *a, **k: passes.append(a[4] is not None) or real(*a, **k))
+    space, passes = passes
     first = cal.StatsCache(folder=tmp_path).get(spec, model, ad, calib, space, db, schedule="owl")
     assert passes == [False] and len(list(tmp_path.glob("*.json"))) == 1
     again = cal.StatsCache(folder=tmp_path).get(spec, model, ad, calib, space, db, schedule="owl")
