@@ -47,9 +47,12 @@ def test_search_end_to_end_logs_complete_mlflow_run(tmp_path, ray_session, mlflo
     assert {"best_config.json", "level_heatmap.png", "fitness_curve.png", "history.json"} <= arts
 
 
-def test_one_shot_schedule_and_random_searcher(tmp_path, ray_session, mlflow_uri, wikitext_path):
+def test_one_shot_schedule_and_random_searcher(tmp_path, ray_session, mlflow_uri, wikitext_path, monkeypatch):
+    """OWL's statistics pass is kept in the cache ($RAYPRESS_CACHE/stats) for the next job."""
+    monkeypatch.setenv("RAYPRESS_CACHE", str(tmp_path / "cache"))
     r = run_search(_cfg(tmp_path, wikitext_path, "searcher.name=owl"))
     assert r.evaluations == 0 and r.mean_value == pytest.approx(0.5, abs=1e-12)
+    assert len(list((tmp_path / "cache" / "stats").glob("*.json"))) == 1
     r = run_search(_cfg(tmp_path, wikitext_path, "searcher.name=random", "searcher.samples=6"))
     assert r.evaluations == 6 and r.mean_value == pytest.approx(0.5, abs=1e-12)
 
