@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from _actors import pool_members
 from _tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +60,8 @@ def reference(fault_root, ray_session, wikitext_path):
 
 
 def _evaluators() -> dict:
-    """Live evaluator actors (raypress.pool's PoolMember) of this Ray: {actor id: GCS record}."""
-    import ray._private.state as state
-
-    return {a: r for a, r in state.actors().items() if r["ActorClassName"] == "PoolMember" and r["State"] == "ALIVE"}
+    """Live evaluator actors of this Ray: {actor id: GCS record}."""
+    return pool_members(alive_only=True)
 
 
 def _kill_evaluator_callback(after: int):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from _actors import pool_members
 from _tiny import tiny_llama
 from raypress.config import load_config
 from raypress.runner import run_search
@@ -57,13 +58,6 @@ def test_one_shot_schedule_and_random_searcher(tmp_path, ray_session, mlflow_uri
     assert r.evaluations == 6 and r.mean_value == pytest.approx(0.5, abs=1e-12)
 
 
-def _pool_members() -> set[str]:
-    """Ids of every evaluator actor this Ray session has started (dead ones included)."""
-    import ray._private.state as state  # the GCS's actor table (the state API needs the dashboard)
-
-    return {a for a, r in state.actors().items() if r["ActorClassName"] == "PoolMember"}
-
-
 def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, ray_session, mlflow_uri,
                                                                      wikitext_path, capsys):
     """Two targets x three searchers: children under one parent, random gets the evolution's budget,
@@ -74,11 +68,11 @@ def test_compare_logs_children_under_one_parent_with_matched_budgets(tmp_path, r
     cfg = _cfg(tmp_path, wikitext_path, "searcher.generations=1")
     evals, per_eval = matched_budget(cfg)
     assert evals == 1 * (5 + 2) and per_eval % 64 == 0
-    members = _pool_members()
+    members = set(pool_members())
     rows = compare(cfg, ["evopress", "random", "uniform"], [0.4, 0.5])
     assert [(r["target"], r["searcher"]) for r in rows] == [
         (t, s) for t in (0.4, 0.5) for s in ("evopress", "random", "uniform")]
-    assert len(_pool_members() - members) == 2  # one evaluator per target
+    assert len(set(pool_members()) - members) == 2  # one evaluator per target
     for evo, rnd, uni in (rows[:3], rows[3:]):
         assert evo["evaluations"] == rnd["evaluations"] == evals
         assert evo["ppl_uniform"] == rnd["ppl_uniform"] == uni["ppl"] == uni["ppl_uniform"]
