@@ -289,12 +289,10 @@ def _tokenize_files(files: list[Path], tokenizer, max_tokens: int | None) -> np.
     several searches on the same corpus (WikiText-2's validation split is ~1 s to tokenize, a larger
     corpus minutes). Keyed by each file's path, size and mtime and by the tokenizer's definition, so
     an edited file or another tokenizer misses. Callers get their own copy (the memo stays as read)."""
-    if tokenizer is None:
-        raise RayPressError("load_tokens needs a tokenizer; load it with load_model(spec) (returns model, tokenizer)")
     try:
         stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         key = (stamp, _tokenizer_id(tokenizer), max_tokens)
-    except (OSError, AttributeError, TypeError):  # unusual tokenizer or file: no memo
+    except (OSError, AttributeError, TypeError):  # unusual (or no) tokenizer, unusual file: no memo
         return _tokenize_stream(_iter_files(files), tokenizer, max_tokens)
     tokens = _TOKENIZED.get(key)
     if tokens is None:
