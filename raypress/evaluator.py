@@ -71,17 +71,18 @@ def _oom_guard(fn):
         try:
             return fn(self, *args, **kwargs)
         except _OOM:
-            self._drop_teachers()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            topk = self.spec.kl_topk
-            raise RayPressError(
-                f"out of memory on {self.device} evaluating batches of {self.spec.batch_size} sequences"
-                f"{'' if topk is None else f' (kl_topk {topk})'}; lower evaluator.batch_size"
-                f"{' or set evaluator.kl_topk=64 (keeps only the top-k teacher logits)' if topk is None else ''}"
-                f"{'' if self.spec.teacher_cache_gb == 0 else ', lower evaluator.teacher_cache_gb (cached teacher rows)'}"
-                ", or use a larger GPU"
-            ) from None
+            pass  # answered below, outside the except block: its traceback still holds the batch's tensors
+        from .calibrate import release_gpu_cache
+
+        self._drop_teachers()
+        release_gpu_cache(self.device)  # what the failed batch took, for the held-out evaluation that may follow
+        topk = self.spec.kl_topk
+        raise RayPressError(
+            f"out of memory on {self.device} evaluating batches of {self.spec.batch_size} sequences"
+            f"{'' if topk is None else f' (kl_topk {topk})'}; lower evaluator.batch_size"
+            f"{' or set evaluator.kl_topk=64 (keeps only the top-k teacher logits)' if topk is None else ''}"
+            f"{'' if self.spec.teacher_cache_gb == 0 else ', lower evaluator.teacher_cache_gb (cached teacher rows)'}"
+            ", or use a larger GPU")
 
     return wrapper
 
