@@ -102,9 +102,13 @@ import json, os, stat, psutil
 from raypress.ray_env import ensure_ray, shutdown_own_ray
 ray = ensure_ray(None)
 ray.get(ray.remote(lambda: 1).remote())  # a worker too
+def listening(p):  # a short-lived helper process may exit between the listing and this look
+    try:
+        return [(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.NoSuchProcess:
+        return []
 procs = [psutil.Process()] + psutil.Process().children(recursive=True)
-listen = sorted({(p.name(), c.laddr.ip) for p in procs for c in p.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN})
+listen = sorted({x for p in procs for x in listening(p)})
 session = ray._private.worker._global_node.get_session_dir_path()
 top = os.path.dirname(os.path.dirname(session))  # Ray makes its own temp folder 0777: ours is above
 print(json.dumps({"listen": listen, "session": session, "top_mode": stat.S_IMODE(os.stat(top).st_mode)}))
