@@ -75,9 +75,7 @@ def record(arch: dict, *, gpu: str, method: str, levels: int, build_s: float, bu
              "flops_per_s": tokens_per_s and 2 * arch["matmul_params"] * tokens_per_s,
              "stream_bytes_per_s": evals_per_s and arch["blocks"] * arch["block_params"] * 2 * evals_per_s,
              "stages": stages, "offspring": offspring, "measured": time.strftime("%Y-%m-%d")}
-    rows = [r for r in load() if r["key"] != key] + [entry]
-    PATH.write_text(json.dumps(rows, indent=1) + "\n")
-    return entry
+    return _save(entry)
 
 
 def record_statistics(arch: dict, *, gpu: str, seconds: float, calib_tokens: int, source: str) -> dict:
@@ -86,9 +84,20 @@ def record_statistics(arch: dict, *, gpu: str, seconds: float, calib_tokens: int
     entry = {"key": key, "kind": "statistics", "gpu": gpu, "arch": arch, "stats_s": seconds,
              "stats_s_per_work": seconds / (arch["blocks"] * arch["block_linear_x_in"]),
              "calib_tokens": calib_tokens, "source": source, "measured": time.strftime("%Y-%m-%d")}
-    rows = [r for r in load() if r["key"] != key] + [entry]
+    return _save(entry)
+
+
+def _save(entry: dict) -> dict:
+    """`entry` into measured_costs.json, replacing the measurement with its key."""
+    rows = [r for r in load() if r["key"] != entry["key"]] + [entry]
     PATH.write_text(json.dumps(rows, indent=1) + "\n")
     return entry
+
+
+def _peak_ratio(measured_gpu: str, target_gpu: str) -> float:
+    """How much longer compute-bound work measured on `measured_gpu` takes on `target_gpu` (bf16 peaks;
+    1.0 when either is unknown)."""
+    return gpu_peak_tflops(measured_gpu, 1.0) / gpu_peak_tflops(target_gpu, gpu_peak_tflops(measured_gpu, 1.0))
 
 
 def _pick(rows, **want):
@@ -127,8 +136,8 @@ def estimate(cfg, arch: dict, *, evaluators: int, gpus: int, gpu_gib: float | No
     if family.calibrated_schedules:  # OWL / Hessian / DP pass over the dense model first
         m = _pick(stats_rows, gpu=target_gpu)
         if m is not None:
-            scale = gpu_peak_tflops(m["gpu"], 1.0) / gpu_peak_tflops(target_gpu, gpu_peak_tflops(m["gpu"], 1.0))
-            out["est_stats_s"] = m["stats_s_per_work"] * arch["blocks"] * arch["block_linear_x_in"] * scale
+            out["est_stats_s"] = (m["stats_s_per_work"] * arch["blocks"] * arch["block_linear_x_in"]
+                                  * _peak_ratio(m["gpu"], target_gpu))
             out["basis"].append(f"statistics pass (OWL, Hessian, DP; once per model and tokens): measured on "
                                 f"{m['gpu']} ({m['key'].split('|')[-1]}, {m['stats_s'] / m['arch']['blocks']:.1f} "
                                 f"s/block, {m['calib_tokens']:,} calibration tokens), scaled by weights x input width")
@@ -139,9 +148,8 @@ def estimate(cfg, arch: dict, *, evaluators: int, gpus: int, gpu_gib: float | No
         if m is not None:
             work = arch["block_linear_x_in"] if hessian else arch["block_linear_params"]
             builders = max(1, min(gpus, arch["blocks"])) if cfg.database.parallel and gpus else 1
-            scale = gpu_peak_tflops(m["gpu"], 1.0) / gpu_peak_tflops(target_gpu, gpu_peak_tflops(m["gpu"], 1.0))
             out["est_build_s"] = (m["build_s_per_work"] * arch["blocks"] * work * len(method.level_values())
-                                  / builders * (scale if hessian else 1.0))
+                                  / builders * (_peak_ratio(m["gpu"], target_gpu) if hessian else 1.0))
             out["basis"].append(f"build: {m['method']} measured on {m['gpu']} ({m['key'].split('|')[-1]}, "
                                 f"{m['build_s'] / m['arch']['blocks']:.1f} s/block at {m['levels']} levels), scaled by "
                                 f"{'weights x input width' if hessian else 'weights'} x levels over {builders} builder(s)")

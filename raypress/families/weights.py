@@ -26,7 +26,7 @@ class WeightFamily(Family):
     has_database = True
 
     @property
-    def calibrated_schedules(self) -> tuple[str, ...]:  # every one but uniform: see schedule() below
+    def calibrated_schedules(self) -> tuple[str, ...]:  # every one but uniform reads the statistics: schedule()
         return tuple(n for n in self.schedules if n != "uniform")
 
     def driver_model(self, cfg, model=None) -> dict:
@@ -108,7 +108,7 @@ class WeightFamily(Family):
         """uniform, or a statistics-driven schedule (OWL, Hessian, DP) on what one streamed pass over
         the dense model reduced its Hessians and input norms to (prep.context["stats"], once per model,
         tokens, database and target)."""
-        if name == "uniform" or name not in self.schedules:
+        if name not in self.calibrated_schedules:
             return super().schedule(name, cfg, prep, model, adapter, calib)
         groups = prep.context.get("units")
         layers = None if units.is_trivial(groups) else [m for ms in groups.values() for m in ms]
