@@ -43,7 +43,7 @@ def plan(cfg, targets=None, searchers=None, model=None) -> dict:
         for n in names:
             try:
                 registry.check(c, family, space, n)
-                ok, msg = True, _starts(c, space, registry.get_searcher(n))
+                ok, msg = True, _starts(c, space, registry.get_searcher(n), family)
             except RayPressError as e:
                 ok, msg = False, str(e)
             checks.append({"target": t, "searcher": n, "ok": ok, "message": msg, "budget": space.budget,
@@ -52,12 +52,14 @@ def plan(cfg, targets=None, searchers=None, model=None) -> dict:
             "checks": checks, **({"note": RANDOM_NOTE} if is_random(cfg.model) else {})}
 
 
-def _starts(cfg, space, info) -> str:
+def _starts(cfg, space, info, family) -> str:
     what = f"starts: exact budget {space.budget} over {len(space.layers)} units"
     if info.one_shot:  # every schedule but uniform first runs the dense model over the calibration tokens
+        if info.name in family.calibrated_schedules:  # the pass `raypress plan` estimates
+            return what + (" (one-shot schedule after a pass over the dense model: the statistics pass in "
+                           "the resources; once per model and tokens)")
         return what + (" (one-shot schedule)" if info.name == "uniform" else
-                       " (one-shot schedule after a pass over the dense model: the statistics pass in "
-                       "the resources; once per model and tokens)")
+                       " (one-shot schedule after a pass over the dense model, not in the time estimates)")
     if info.generational or info.front:  # evolutions: their own count (a front: one per budget)
         return what + f" ({info.total_evaluations(cfg)} evaluations)"
     evals, tokens = registry.evaluation_budget(cfg)

@@ -166,6 +166,18 @@ def test_plan_opt66b_offline_from_the_bundled_config(capsys):
     assert not any("statistics pass" in l for l in out.splitlines() if " uniform " in l)
 
 
+def test_plan_points_only_the_statistics_schedules_at_the_statistics_estimate(capsys):
+    """ShortGPT (depth) runs its own pass over the dense model, which `raypress plan` does not estimate:
+    it says so instead of pointing at the statistics pass of OWL / Hessian / DP."""
+    from raypress.cli import main
+
+    rc = main(["plan", "--config", str(ROOT / "search_spaces/smollm2_depth.yaml"), "--targets", "0.25",
+               "--searchers", "uniform,shortgpt"])
+    out = capsys.readouterr().out
+    (line,) = [l for l in out.splitlines() if " shortgpt " in l]
+    assert rc == 0 and "not in the time estimates" in line and "statistics pass" not in line
+
+
 def test_unknown_searcher_in_plan_is_one_line(capsys):
     from raypress.cli import main
 
