@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from _tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
+GENERATIONS = 100  # far more than run before the signal lands: a finished search would pass as a stopped one
 
 
 @pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
@@ -28,11 +29,14 @@ def test_signal_stops_the_search_resumable(tmp_path, store_in_tmp, wikitext_path
     import psutil
 
     ov = [f"model={tiny_llama()}", f"data.source=text:{wikitext_path}", "data.seq_len=64", "data.n_calib=32",
-          "data.n_eval=8", "searcher.generations=8", "searcher.offspring=4", "searcher.stages=[[128, 2], [256, 1]]",
+          "data.n_eval=8", f"searcher.generations={GENERATIONS}", "searcher.offspring=4", "searcher.stages=[[128, 2], [256, 1]]",
           "target=0.5", f"database.cache_dir={tmp_path / 'db'}", f"output={tmp_path / 'out'}",
           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     cmd = [sys.executable, "-m", "raypress.cli", "search"] + [a for o in ov for a in ("--set", o)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local", "TOKENIZERS_PARALLELISM": "false"}
+    # The state file is written after every trial here (by default at most once a second: a tiny model can
+    # finish every generation between two writes, and the first state the test saw was the last one).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local", "TOKENIZERS_PARALLELISM": "false",
+           "RAYPRESS_SAVE_EVERY_S": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
     err = open(tmp_path / "stderr.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
@@ -62,7 +66,7 @@ def test_signal_stops_the_search_resumable(tmp_path, store_in_tmp, wikitext_path
         f"raypress search --resume {out_dir}" in last
     assert "Traceback" not in text and "logging.cc" not in text and "SIGTERM received" not in text
     assert not (out_dir / "result.json").exists()
-    assert len(json.loads((out_dir / "raypress_state.json").read_text())["searcher"]["history"]) < 8
+    assert len(json.loads((out_dir / "raypress_state.json").read_text())["searcher"]["history"]) < GENERATIONS
     run = MlflowClient(state["tracking_uri"]).get_run(state["run_id"])
     assert run.info.status == "KILLED" and f"--resume {out_dir}" in run.data.tags["raypress.error"]
     gone, alive = psutil.wait_procs([c for c in children if c.is_running()], timeout=30)
