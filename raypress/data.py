@@ -389,14 +389,9 @@ def calib_hash(calib: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def sample_batch(calib: np.ndarray, n_tokens: int, seed: int, generation: int, stage: int) -> np.ndarray:
-    """ceil(n_tokens/seq_len) distinct rows of `calib`, drawn by default_rng([seed, generation, stage])."""
-    calib = np.asarray(calib)
-    return np.ascontiguousarray(calib[sample_rows(calib, n_tokens, seed, generation, stage)], dtype=np.int64)
-
-
 def sample_rows(calib: np.ndarray, n_tokens: int, seed: int, generation: int, stage: int) -> np.ndarray:
-    """The row indices sample_batch takes (the evaluator keys its teacher cache on rows, not batches)."""
+    """ceil(n_tokens/seq_len) distinct row indices of `calib`, drawn by default_rng([seed, generation, stage]):
+    every candidate of a stage is scored on the same rows (the evaluator keys its teacher cache on them)."""
     calib = np.asarray(calib)
     if calib.ndim != 2 or calib.shape[0] == 0:
         raise RayPressError(f"calibration set must be a non-empty [n_calib, seq_len] array, got shape {calib.shape}; "

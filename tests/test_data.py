@@ -11,7 +11,7 @@ import pytest
 
 from _tiny import tiny_llama, tiny_tokenizer_dir
 from raypress import data
-from raypress.data import TokenSplits, load_tokens, make_splits, sample_batch
+from raypress.data import TokenSplits, load_tokens, make_splits, sample_rows
 from raypress.errors import RayPressError
 
 
@@ -179,19 +179,17 @@ def test_make_splits_edge_cases():
 
 
 # ----------------------------------------------------------------------------- stage batches
-def test_sample_batch():
+def test_stage_rows():
     calib = make_splits(np.arange(50_000), 100, 64, 4, seed=0).calib
-    b = sample_batch(calib, 512, seed=0, generation=3, stage=1)
-    assert b.shape == (6, 100) and b.dtype == np.int64  # ceil(512 / 100)
-    rows = {tuple(r) for r in calib.tolist()}
-    assert all(tuple(r) in rows for r in b.tolist()) and len({tuple(r) for r in b.tolist()}) == 6
-    assert (sample_batch(calib, 512, 0, 3, 1) == b).all()  # every candidate of a stage: same tokens
+    r = sample_rows(calib, 512, seed=0, generation=3, stage=1)
+    assert len(r) == 6 and len(set(r.tolist())) == 6 and 0 <= r.min() and r.max() < len(calib)  # ceil(512 / 100)
+    assert (sample_rows(calib, 512, 0, 3, 1) == r).all()  # every candidate of a stage: same tokens
     for args in [(0, 4, 1), (0, 3, 0), (1, 3, 1)]:
-        assert not (sample_batch(calib, 512, *args) == b).all()
-    assert sample_batch(calib, 100, 0, 0, 0).shape == (1, 100)
-    assert sample_batch(calib, 6400, 0, 0, 0).shape == (64, 100)
+        assert not (sample_rows(calib, 512, *args) == r).all()
+    assert len(sample_rows(calib, 100, 0, 0, 0)) == 1
+    assert sorted(sample_rows(calib, 6400, 0, 0, 0).tolist()) == list(range(64))
     with pytest.raises(RayPressError, match="n_calib"):
-        sample_batch(calib, 6401, 0, 0, 0)
+        sample_rows(calib, 6401, 0, 0, 0)
 
 
 def test_a_text_corpus_is_tokenized_once_per_process_until_it_changes(tmp_path, monkeypatch):
