@@ -408,8 +408,7 @@ def _read_stats(path) -> dict | None:
 def _write_stats(path, inputs: dict) -> None:
     """Write atomically (a job killed mid-write leaves no half file); a full or read-only disk costs
     only the next job's pass, so it is said, not raised."""
-    import json
-    import os
+    from .rundir import atomic_write
 
     if path is None:
         return
@@ -417,8 +416,6 @@ def _write_stats(path, inputs: dict) -> None:
              for name, d in inputs.items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"inputs": plain}))
-        os.replace(tmp, path)
+        atomic_write(path, {"inputs": plain}, default=None)
     except OSError as e:
         log.warning("dense-model statistics not kept at %s (%s): the next job computes them again", path, e)

@@ -30,10 +30,10 @@ from .ray_env import ensure_ray, resources
 from .interrupt import resumable
 from .pool import EvaluatorPool, SharedPool
 from .database import default_cache_root
-from .rundir import STATE_FILE, check_owner, check_writable_folder, read_state
+from .rundir import STATE_FILE, atomic_write, check_owner, check_writable_folder, read_state
 from .search import registry
 from .tracking import Tracker, fitness_curve, level_heatmap, tracked
-from .tune_loop import atomic_write, generation_logger, run_tune, state_saver
+from .tune_loop import generation_logger, run_tune, state_saver
 
 log = logging.getLogger("raypress")
 

@@ -9,7 +9,6 @@ reports (trial.RESULT_KEY), which Tune would otherwise retry.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,12 +16,7 @@ from pathlib import Path
 
 from . import interrupt, trial
 from .errors import RayPressError
-
-
-def atomic_write(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, default=str))
-    os.replace(tmp, path)
+from .rundir import atomic_write
 
 
 PROGRESS_EVERY_S = 10.0  # at most one progress line this often (an EvoPress generation always gets one)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ray.tune.search import Searcher
 
 from .. import trial
 from ..errors import RayPressError
+from ..rundir import atomic_write
 
 log = logging.getLogger("raypress")
 
@@ -254,10 +254,7 @@ class RayPressSearcher(Searcher):
 
     def save(self, checkpoint_path) -> None:
         """JSON state file (atomic: written next to the path, then renamed)."""
-        path = Path(checkpoint_path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.get_state()))
-        os.replace(tmp, path)
+        atomic_write(checkpoint_path, self.get_state(), default=None)  # a state JSON cannot hold is a bug: raise
 
     def restore(self, checkpoint_path) -> None:
         path = Path(checkpoint_path)
