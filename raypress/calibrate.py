@@ -408,7 +408,7 @@ def _read_stats(path) -> dict | None:
 def _write_stats(path, inputs: dict) -> None:
     """Write atomically (a job killed mid-write leaves no half file); a full or read-only disk costs
     only the next job's pass, so it is said, not raised."""
-    from .rundir import atomic_write
+    from .atomic import atomic_write
 
     if path is None:
         return

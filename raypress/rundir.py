@@ -7,23 +7,12 @@ config, perplexities).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .errors import RayPressError
 
 STATE_FILE = "raypress_state.json"
 RESULT_FILE = "result.json"
-
-
-def atomic_write(path, obj, default=str) -> None:
-    """`obj` as JSON at `path`, written beside it and renamed over it: a process killed mid-write leaves
-    the old file or the new one, never half of one; the temp name holds the pid, so two processes
-    writing the same file (two jobs keeping the same statistics) never share a temp file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, default=default))
-    os.replace(tmp, path)
 
 
 def check_writable_folder(path, key: str) -> None:

@@ -30,7 +30,8 @@ from .ray_env import ensure_ray, resources
 from .interrupt import resumable
 from .pool import EvaluatorPool, SharedPool
 from .database import default_cache_root
-from .rundir import STATE_FILE, atomic_write, check_owner, check_writable_folder, read_state
+from .atomic import atomic_write
+from .rundir import STATE_FILE, check_owner, check_writable_folder, read_state
 from .search import registry
 from .tracking import Tracker, fitness_curve, level_heatmap, tracked
 from .tune_loop import generation_logger, run_tune, state_saver

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import interrupt, trial
 from .errors import RayPressError
-from .rundir import atomic_write
+from .atomic import atomic_write
 
 
 PROGRESS_EVERY_S = 10.0  # at most one progress line this often (an EvoPress generation always gets one)

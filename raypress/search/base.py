@@ -19,7 +19,7 @@ from ray.tune.search import Searcher
 
 from .. import trial
 from ..errors import RayPressError
-from ..rundir import atomic_write
+from ..atomic import atomic_write
 
 log = logging.getLogger("raypress")
 
