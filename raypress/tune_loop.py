@@ -195,18 +195,12 @@ def _crash_loop_guard(stopper, limit: int = CRASH_LOOP):
     the last failure's first line."""
     from ray import tune
 
-    from .errors import first_line
-
     class Guard(tune.Callback):
         failed, last = 0, None
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
-            exc = trial.get_pickled_error() or trial.get_error()  # None when Tune kept no file for it
-            while isinstance(getattr(exc, "cause", None), BaseException):  # Ray's wrapper -> what was raised
-                exc = exc.cause
-            if exc is not None:
-                self.last = f"{type(exc).__name__}: {first_line(exc)}" if isinstance(exc, BaseException) else first_line(exc)
+            self.last = _trial_error(trial) or self.last
             if self.failed >= limit and stopper.error is None:
                 stopper.error = (
                     f"{self.failed} trials in a row failed, each after {MAX_FAILURES} retries (the last error "
@@ -217,6 +211,31 @@ def _crash_loop_guard(stopper, limit: int = CRASH_LOOP):
             self.failed, self.last = 0, None
 
     return Guard()
+
+
+def _trial_error(trial) -> str | None:
+    """'Type: first line' of what a failed trial raised, or None. Tune's callback is not handed the
+    exception; Tune has just written it, in this thread, to the trial's driver-side files (pickled, and
+    as text). Those are read here, not the copies in the storage folder (`trial.get_pickled_error()`):
+    a copy still being synced reads half-written (CI saw `EOFError: Ran out of input`), and an error
+    raised in a Tune callback fails the whole search."""
+    from ray import cloudpickle
+
+    from .errors import first_line
+
+    try:
+        with open(trial.pickled_error_file, "rb") as f:
+            exc = cloudpickle.load(f)
+        while isinstance(getattr(exc, "cause", None), BaseException):  # Ray's wrapper -> what was raised
+            exc = exc.cause
+        return f"{type(exc).__name__}: {first_line(exc)}"
+    except Exception:  # no pickle (an unpicklable error, or none kept): the text Tune wrote
+        pass
+    try:
+        text = Path(trial.error_file).read_text().strip().splitlines()
+        return text[-1][:200] if text else None
+    except Exception:
+        return None
 
 
 def _batched(cfg, info, searcher, num_samples: int, n_eval: int):
