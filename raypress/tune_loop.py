@@ -214,28 +214,25 @@ def _crash_loop_guard(stopper, limit: int = CRASH_LOOP):
 
 
 def _trial_error(trial) -> str | None:
-    """'Type: first line' of what a failed trial raised, or None. Tune's callback is not handed the
-    exception; Tune has just written it, in this thread, to the trial's driver-side files (pickled, and
-    as text). Those are read here, not the copies in the storage folder (`trial.get_pickled_error()`):
-    a copy still being synced reads half-written (CI saw `EOFError: Ran out of input`), and an error
-    raised in a Tune callback fails the whole search."""
-    from ray import cloudpickle
-
-    from .errors import first_line
+    """'Type: message' of what a failed trial raised, or None. Tune's callback is not handed the
+    exception; Tune has just appended it, as text and in this thread, to the trial's driver-side error
+    file, which is read here. Not `trial.get_pickled_error()`: it unpickles (never done here on files we
+    did not write: raypress.safe_pickle) the copy in the storage folder, which a background sync can
+    leave half-written (CI read it empty: `EOFError`); an error raised in a Tune callback would end the
+    whole search with a traceback instead of the crash-loop line."""
+    import re
 
     try:
-        with open(trial.pickled_error_file, "rb") as f:
-            exc = cloudpickle.load(f)
-        while isinstance(getattr(exc, "cause", None), BaseException):  # Ray's wrapper -> what was raised
-            exc = exc.cause
-        return f"{type(exc).__name__}: {first_line(exc)}"
-    except Exception:  # no pickle (an unpicklable error, or none kept): the text Tune wrote
-        pass
-    try:
-        text = Path(trial.error_file).read_text().strip().splitlines()
-        return text[-1][:200] if text else None
-    except Exception:
+        text = Path(trial.error_file).read_text(errors="replace")
+    except (OSError, TypeError):  # no file kept for it (TypeError: no error_file at all)
         return None
+    block = text.rsplit("Failure # ", 1)[-1].splitlines()[1:]  # the last failure, less its header
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).rstrip() for l in block if l.strip()]
+    # a Ray task error is a header line, the worker's traceback, then "Type: message" unindented
+    raised = [l for l in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", l)]
+    if not lines:
+        return None
+    return (raised[-1] if raised else lines[0])[:200]  # else (an actor that died) the message's first line
 
 
 def _batched(cfg, info, searcher, num_samples: int, n_eval: int):

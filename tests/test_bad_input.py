@@ -489,29 +489,34 @@ def test_trials_that_fail_every_time_end_the_search_with_one_line(tmp_path, stor
     assert next((tmp_path / "runs").glob("*/raypress_state.json")).exists()
 
 
-def test_a_failed_trials_error_is_read_even_when_its_file_is_half_written(tmp_path):
-    """The crash-loop line quotes what the failed trial raised, read from the files Tune just wrote
-    for it. On CI the storage copy of the pickled error read empty (a sync in progress) and the
-    `EOFError` that raised inside Tune's callback ended the search with a traceback: an unreadable
-    file must fall back to Tune's text file, then to nothing, and never raise."""
+def test_a_failed_trials_error_is_quoted_from_the_text_tune_just_wrote(tmp_path):
+    """The crash-loop line quotes what the failed trial raised. On CI it was read from the storage copy of
+    Tune's pickled error, which a background sync left empty: the `EOFError` raised inside Tune's
+    callback ended the search with a traceback. It is read from the driver-side text Tune appends (as
+    Tune writes it: a header per failure, then str() of the Ray error), and an absent file never raises."""
     from types import SimpleNamespace
 
-    from ray import cloudpickle
     from ray.exceptions import RayTaskError
 
     from raypress.tune_loop import _trial_error
 
-    raised = RayTaskError("train", "Traceback ...", RuntimeError("injected: no score\nsecond line")).as_instanceof_cause()
-    pickled, text = tmp_path / "error.pkl", tmp_path / "error.txt"
-    pickled.write_bytes(cloudpickle.dumps(raised))
-    text.write_text("Failure # 1 (occurred at 2026-12-07)\nRuntimeError: injected: no score\n")
-    trial = SimpleNamespace(pickled_error_file=str(pickled), error_file=str(text))
+    def failure(i, exc):
+        return f"Failure # {i} (occurred at 2026-12-07_09-27-52)\n{exc}\n"
+
+    first = RayTaskError("train", "Traceback ...\nValueError: an earlier one", ValueError("an earlier one"))
+    last = RayTaskError("train", 'Traceback (most recent call last):\n  File "x.py", line 1, in step\n'
+                        "RuntimeError: injected: no score\nsecond line", RuntimeError("injected: no score"))
+    text = tmp_path / "error.txt"
+    text.write_text(failure(1, first.as_instanceof_cause()) + failure(2, last.as_instanceof_cause()))
+    trial = SimpleNamespace(error_file=str(text))
     assert _trial_error(trial) == "RuntimeError: injected: no score"
-    pickled.write_bytes(b"")  # what CI read
-    assert _trial_error(trial) == "RuntimeError: injected: no score"
+    text.write_text(failure(1, "The actor died unexpectedly before finishing this task.\n\tclass_name: X"))
+    assert _trial_error(trial) == "The actor died unexpectedly before finishing this task."
+    text.write_text("")  # written but empty
+    assert _trial_error(trial) is None
     text.unlink()
     assert _trial_error(trial) is None
-    assert _trial_error(SimpleNamespace(pickled_error_file=None, error_file=None)) is None
+    assert _trial_error(SimpleNamespace(error_file=None)) is None
 
 
 _FULL_DISK = """
